@@ -1,0 +1,60 @@
+"""Model registry: `build_model("SiT-XL/2", **overrides)` with the official REPA constructor names."""
+from fastrepa.attention import BACKENDS
+from fastrepa.models.sit import SiT
+
+# size -> (depth, hidden_size, num_heads). S is fixed here: upstream its width silently defaults to 768.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PATCHES = (2, 4, 8)
+MODEL_NAMES = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCHES)
+
+OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+             "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
+             "attn_backend")
+
+
+def model_kwargs(name: str, **overrides) -> dict:
+    """The full, validated constructor arguments of `name` with `overrides` applied."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; allowed: {', '.join(OVERRIDES)}")
+    size, patch = name[len("SiT-"):].split("/")
+    depth, hidden, heads = SIZES[size]
+    kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
+              num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
+              encoder_depth=8, projector_dim=2048, qk_norm=False, attn_backend="sdpa")
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    kw["z_dims"] = [int(z) for z in kw["z_dims"]]
+    validate_model_kwargs(kw)
+    return kw
+
+
+def validate_model_kwargs(kw: dict) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
+                "projector_dim"):
+        need(int(kw[key]) >= 1, f"model option {key}={kw[key]} must be a positive integer")
+    need(kw["input_size"] % kw["patch_size"] == 0,
+         f"input_size={kw['input_size']} must be divisible by patch_size={kw['patch_size']}")
+    need(kw["hidden_size"] % kw["num_heads"] == 0,
+         f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
+    need(kw["hidden_size"] % 4 == 0, f"hidden_size={kw['hidden_size']} must be a multiple of 4 (2D sin-cos table)")
+    need(kw["mlp_ratio"] > 0, f"mlp_ratio={kw['mlp_ratio']} must be > 0")
+    need(0.0 <= kw["class_dropout_prob"] < 1.0, f"class_dropout_prob={kw['class_dropout_prob']} must be in [0, 1)")
+    need(all(z >= 1 for z in kw["z_dims"]), f"z_dims={kw['z_dims']} must be positive feature sizes")
+    if kw["z_dims"]:
+        need(1 <= kw["encoder_depth"] <= kw["depth"],
+             f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} (the model depth)")
+    need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
+
+
+def build_model(name: str, **overrides) -> SiT:
+    """Build a SiT by registry name; overrides use the official REPA SiT constructor names."""
+    return SiT(**model_kwargs(name, **overrides))
+
+
+__all__ = ["MODEL_NAMES", "OVERRIDES", "SIZES", "SiT", "build_model", "model_kwargs"]

@@ -1,0 +1,42 @@
+"""fastrepa: fast trainer and sampler for diffusion transformers with representation alignment.
+
+kernels/ sits at the top level of the repository (the product layout) and installs as the
+subpackage `fastrepa.kernels`; a top-level `kernels` package would collide with the PyPI project of
+that name.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "fastrepa",
+    "fastrepa.models",
+    "fastrepa.objectives",
+    "fastrepa.data",
+    "fastrepa.encoders",
+    "fastrepa.kernels",
+]
+
+setup(
+    name="fastrepa",
+    version="0.1.0",
+    description="Fast REPA-family training and sampling for SiT/DiT diffusion transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"fastrepa.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={
+        # GPU data loading (issue: data); CPU-only pipelines run with device_id=None.
+        "dali": ["nvidia-dali-cuda130"],
+        # Optional attention backends: CUDA only, skipped cleanly without it.
+        "flash": ["flash-attn"],
+        "xformers": ["xformers"],
+        "dev": ["pytest", "pytest-benchmark", "scipy"],
+    },
+)

@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from fastrepa.models import build_model
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+            num_classes=10, z_dims=[16, 24], encoder_depth=2, projector_dim=32)
+
+
+@pytest.fixture
+def tiny_kwargs():
+    return dict(TINY)
+
+
+def tiny_model(**kw):
+    """A small SiT with non-zero adaLN and final layers, so every path carries signal."""
+    torch.manual_seed(0)
+    model = build_model("SiT-S/2", **{**TINY, **kw})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer" in name:
+                p.normal_(0, 0.05)
+    return model
