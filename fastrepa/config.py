@@ -1,0 +1,269 @@
+"""Configuration: dataclasses that are the one source of the CLI flags, their defaults and their checks.
+
+Each dataclass field is one flag (`--learning-rate` for `learning_rate`), named as in the official REPA
+train.py wherever REPA has the flag. `build_parser` makes argparse from the fields and `from_args`
+turns the parsed flags back into a `TrainConfig`; nothing parses a flag anywhere else. Every config
+validates itself in `__post_init__` and names the flag and the allowed values when something is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field, fields
+
+from fastrepa.attention import BACKENDS
+from fastrepa.models import MODEL_NAMES, model_kwargs
+from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+VAES = ("identity",)
+ENCODERS_NOW = ("patch-pixels", "none")
+
+
+def flag(default, help: str, choices=None, **kw):
+    """A dataclass field that is also a CLI flag."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+class ConfigError(ValueError):
+    """A flag or config key with a bad value; the message names it and what is allowed."""
+
+
+def _need(cond: bool, name: str, value, expected: str):
+    if not cond:
+        raise ConfigError(f"--{name.replace('_', '-')}={value!r}: expected {expected}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = flag("SiT-XL/2", "model name", choices=MODEL_NAMES)
+    num_classes: int = flag(1000, "number of classes (the null class for CFG is this index)")
+    encoder_depth: int = flag(8, "block (1-based) whose output the projectors align")
+    projector_dim: int = flag(2048, "hidden width of the alignment projector")
+    qk_norm: bool = flag(False, "LayerNorm on q and k per head (keys attn.q_norm / attn.k_norm)")
+    fused_attn: bool = flag(True, "fused attention (sdpa); --no-fused-attn uses the explicit math reference")
+    attn_backend: str = flag("sdpa", "attention backend (overrides --fused-attn when not sdpa)", choices=BACKENDS)
+    # Size overrides (official SiT constructor names); None keeps the registry value.
+    input_size: int | None = flag(None, "latent size (default: resolution // 8)")
+    in_channels: int | None = flag(None, "latent channels (default 4, the SD-VAE)")
+    hidden_size: int | None = flag(None, "override the model width")
+    depth: int | None = flag(None, "override the number of blocks")
+    num_heads: int | None = flag(None, "override the number of heads")
+    mlp_ratio: float | None = flag(None, "override the MLP ratio")
+    class_dropout_prob: float | None = flag(None, "label dropout probability (default 0.1)")
+
+    def __post_init__(self):
+        _need(self.model in MODEL_NAMES, "model", self.model, f"one of {', '.join(MODEL_NAMES)}")
+        _need(self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
+        _need(self.attn_backend in BACKENDS, "attn_backend", self.attn_backend, f"one of {BACKENDS}")
+
+    def backend(self) -> str:
+        if self.attn_backend != "sdpa":
+            return self.attn_backend
+        return "sdpa" if self.fused_attn else "math"
+
+
+@dataclass
+class ObjectiveConfig:
+    path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
+    prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
+    weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
+    proj_coeff: float = flag(0.5, "weight of the alignment (projection) loss")
+    enc_type: str = flag("dinov2-vit-b", "representation encoder(s), comma-separated; 'none' trains plain SiT")
+    cfg_prob: float = flag(0.1, "accepted for compatibility; as in official REPA it is unused "
+                                "(label dropout is the model's class_dropout_prob)")
+
+    def __post_init__(self):
+        _need(self.path_type in PATH_TYPES, "path_type", self.path_type, f"one of {PATH_TYPES}")
+        _need(self.prediction in PREDICTIONS, "prediction", self.prediction, f"one of {PREDICTIONS}")
+        _need(self.weighting in WEIGHTINGS, "weighting", self.weighting, f"one of {WEIGHTINGS}")
+        _need(self.proj_coeff >= 0, "proj_coeff", self.proj_coeff, "a number >= 0")
+        _need(bool(self.enc_type.strip()), "enc_type", self.enc_type, "an encoder name or 'none'")
+
+    @property
+    def encoders(self) -> list[str]:
+        names = [e.strip() for e in self.enc_type.split(",") if e.strip()]
+        return [] if names == ["none"] else names
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = flag("../data/imagenet256", "dataset folder in the REPA layout (images/, vae-sd/)")
+    resolution: int = flag(256, "image resolution")
+    vae: str = flag("identity", "latent decoder for sample grids", choices=VAES)
+    latents_scale: float = flag(0.18215, "latent scale (SD-VAE: 0.18215)")
+    latents_bias: float = flag(0.0, "latent bias")
+    num_workers: int = flag(4, "data loader worker processes")
+
+    def __post_init__(self):
+        _need(self.resolution >= 8, "resolution", self.resolution, "an image size >= 8")
+        _need(self.vae in VAES, "vae", self.vae, f"one of {VAES}")
+        _need(self.latents_scale > 0, "latents_scale", self.latents_scale, "a number > 0")
+        _need(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = flag(1e-4, "AdamW learning rate")
+    adam_beta1: float = flag(0.9, "AdamW beta1")
+    adam_beta2: float = flag(0.999, "AdamW beta2")
+    adam_weight_decay: float = flag(0.0, "AdamW weight decay")
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
+    max_grad_norm: float = flag(1.0, "gradient-norm clip")
+    ema_decay: float = flag(0.9999, "EMA decay per step")
+
+    def __post_init__(self):
+        _need(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _need(0 <= getattr(self, name) < 1, name, getattr(self, name), "a number in [0, 1)")
+        _need(self.adam_weight_decay >= 0, "adam_weight_decay", self.adam_weight_decay, "a number >= 0")
+        _need(self.adam_epsilon > 0, "adam_epsilon", self.adam_epsilon, "a number > 0")
+        _need(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "a number > 0")
+        _need(0 <= self.ema_decay <= 1, "ema_decay", self.ema_decay, "a number in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = flag("exps", "folder of experiments")
+    exp_name: str = flag("", "experiment name (required): outputs go to OUTPUT_DIR/EXP_NAME")
+    logging_dir: str = flag("logs", "accepted for compatibility (metrics go to the experiment folder)")
+    report_to: str = flag("none", "extra metrics sink: none (metrics.jsonl always), wandb, tensorboard")
+    sampling_steps: int = flag(10000, "write a sample grid from the EMA model every N steps")
+    resume_step: int = flag(0, "resume from checkpoints/<step>.pt (0: start fresh)")
+    batch_size: int = flag(256, "global batch size")
+    epochs: int = flag(1400, "upper bound on epochs (training stops at whichever limit comes first)")
+    max_train_steps: int = flag(400000, "optimizer steps to train")
+    checkpointing_steps: int = flag(50000, "write a checkpoint every N steps (and at the end)")
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
+    mixed_precision: str = flag("bf16", "autocast precision on CUDA (CPU runs fp32)", choices=MIXED_PRECISIONS)
+    allow_tf32: bool = flag(False, "allow TF32 matmuls on CUDA")
+    seed: int = flag(0, "global seed")
+    log_every: int = flag(100, "write a metrics line every N steps")
+    sample_cfg_scale: float = flag(4.0, "CFG scale of the periodic sample grids")
+    sample_num_steps: int = flag(50, "Euler steps of the periodic sample grids")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        _need(bool(self.exp_name), "exp_name", self.exp_name, "a non-empty experiment name")
+        _need(self.report_to in ("none", "wandb", "tensorboard"), "report_to", self.report_to,
+              "one of none, wandb, tensorboard")
+        for name in ("batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
+                     "sampling_steps", "epochs", "log_every", "sample_num_steps"):
+            _need(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        _need(self.resume_step >= 0, "resume_step", self.resume_step, "a step >= 0")
+        _need(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", self.mixed_precision,
+              f"one of {MIXED_PRECISIONS}")
+        _need(self.batch_size % self.gradient_accumulation_steps == 0, "batch_size", self.batch_size,
+              f"a multiple of --gradient-accumulation-steps={self.gradient_accumulation_steps}")
+        _need(self.data.resolution % 8 == 0 or self.model.input_size is not None, "resolution",
+              self.data.resolution, "a multiple of 8 (the SD-VAE factor) unless --input-size is given")
+        # The model options are checked here, before any data or weights are touched.
+        try:
+            model_kwargs(self.model.model, z_dims=[1] if self.objective.encoders else [], **self.model_overrides())
+        except ValueError as e:
+            flags = re.findall(r"\b([a-z_]+)=", str(e))
+            raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in flags) or '--model'}: {e}") from None
+
+    def model_overrides(self) -> dict:
+        """Constructor arguments for `build_model(self.model.model, **...)` (z_dims is the caller's)."""
+        m = self.model
+        kw = dict(num_classes=m.num_classes, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
+                  qk_norm=m.qk_norm, attn_backend=m.backend(),
+                  input_size=m.input_size if m.input_size is not None else self.data.resolution // 8)
+        for name in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob"):
+            if getattr(m, name) is not None:
+                kw[name] = getattr(m, name)
+        return kw
+
+
+GROUPS = {"model": ModelConfig, "objective": ObjectiveConfig, "data": DataConfig, "optim": OptimConfig}
+
+# Presets set defaults; flags given on the command line win.
+PRESETS = {
+    # The embedded demo: class-conditional 32x32 shapes generated by fastrepa.data.synthetic, trained in
+    # pixel space (identity "VAE") and aligned to the patch-pixel encoder. Minutes on a CPU.
+    "demo": dict(model="SiT-S/4", input_size=32, in_channels=3, hidden_size=128, depth=6, num_heads=2,
+                 num_classes=10, encoder_depth=2, projector_dim=256, enc_type="patch-pixels", resolution=32,
+                 vae="identity", latents_scale=1.0, batch_size=32, learning_rate=1e-3, ema_decay=0.995,
+                 max_train_steps=1200, checkpointing_steps=600, sampling_steps=600, log_every=100,
+                 num_workers=0, mixed_precision="bf16", exp_name="demo", output_dir="runs",
+                 data_dir="runs/demo-data", sample_num_steps=50, sample_cfg_scale=4.0),
+}
+
+
+def _flat_fields():
+    """(name, field, group) for every flag, the TrainConfig's own first."""
+    for f in fields(TrainConfig):
+        if f.name in GROUPS:
+            for g in fields(GROUPS[f.name]):
+                yield g.name, g, f.name
+        else:
+            yield f.name, f, None
+
+
+def flag_names() -> list[str]:
+    return [name for name, _, _ in _flat_fields()]
+
+
+def _parse_type(f):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    for name, fn in (("bool", None), ("int", int), ("float", float), ("str", str)):
+        if t.startswith(name):
+            return name, fn
+    raise TypeError(f"unsupported config field type {f.type!r} for {f.name}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for name, f, _ in _flat_fields():
+        kind, fn = _parse_type(f)
+        opt = "--" + name.replace("_", "-")
+        meta = dict(f.metadata)
+        # Defaults stay None on the parser so presets and dataclass defaults can tell "not given".
+        if kind == "bool":
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            parser.add_argument(opt, type=fn, default=None, help=meta["help"], choices=meta.get("choices"))
+
+
+def build_parser(description: str = "fastrepa training") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named set of defaults (flags given explicitly still win)")
+    add_flags(parser)
+    return parser
+
+
+def from_flat(values: dict) -> TrainConfig:
+    """Build a TrainConfig from flat flag values (unknown keys are an error naming them)."""
+    known = set(flag_names())
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}")
+    groups = {g: {} for g in GROUPS}
+    top = {}
+    for name, _, group in _flat_fields():
+        if name in values:
+            (groups[group] if group else top)[name] = values[name]
+    return TrainConfig(**top, **{g: cls(**groups[g]) for g, cls in GROUPS.items()})
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
+    return from_flat(values)
+
+
+def to_flat(cfg: TrainConfig) -> dict:
+    """The config as one flat dict of flag values (plain types): the `args` of a REPA checkpoint."""
+    out = {}
+    for name, _, group in _flat_fields():
+        out[name] = getattr(getattr(cfg, group) if group else cfg, name)
+    return out

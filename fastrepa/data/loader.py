@@ -1,0 +1,52 @@
+"""A batch sampler that is a pure function of (seed, step, rank), so training can restart at any step."""
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class StepSampler(Sampler):
+    """Index batches for steps start_step, start_step+1, ...: step s uses epoch s // steps_per_epoch.
+
+    Each epoch is a permutation of the dataset drawn from (seed, epoch); the global batch of a step is a
+    contiguous slice of it (the last partial batch of an epoch is dropped) and rank r takes its
+    local_batch-sized part. Restarting at step s yields exactly the batches an uninterrupted run saw.
+    """
+
+    def __init__(self, num_items: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start_step: int = 0, num_steps: int | None = None):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {world_size} processes")
+        if num_items < global_batch:
+            raise ValueError(f"the dataset has {num_items} items, fewer than one global batch of {global_batch}")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.rank, self.local_batch = rank, global_batch // world_size
+        self.steps_per_epoch = num_items // global_batch
+        self.start_step, self.num_steps = start_step, num_steps
+        self._perm_epoch, self._perm = None, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batch(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        start = pos * self.global_batch + self.rank * self.local_batch
+        return self.permutation(epoch)[start:start + self.local_batch].tolist()
+
+    def __iter__(self):
+        step = self.start_step
+        while self.num_steps is None or step < self.start_step + self.num_steps:
+            yield self.batch(step)
+            step += 1
+
+    def __len__(self):
+        if self.num_steps is None:
+            raise TypeError("StepSampler without num_steps is endless")
+        return self.num_steps
+
+
+def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0)

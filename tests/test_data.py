@@ -1,0 +1,96 @@
+"""The REPA folder layout, the embedded synthetic data, and the restartable step sampler."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastrepa.data import REPAFolderDataset, StepSampler
+from fastrepa.data.synthetic import CLASSES, write_dataset
+from fastrepa.encoders import load_encoder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")), num_images=30, seed=1)
+
+
+def test_synthetic_layout_is_the_official_one(data_dir):
+    assert os.path.isfile(os.path.join(data_dir, "images", "00000", "img00000007.png"))
+    assert os.path.isfile(os.path.join(data_dir, "vae-sd", "00000", "img-mean-std-00000007.npy"))
+    labels = dict(json.load(open(os.path.join(data_dir, "vae-sd", "dataset.json")))["labels"])
+    assert labels["00000/img-mean-std-00000013.npy"] == 13 % len(CLASSES)
+
+
+def test_folder_dataset_reads_images_moments_labels(data_dir):
+    ds = REPAFolderDataset(data_dir)
+    assert len(ds) == 30
+    img, moments, label = ds[13]
+    assert img.dtype == torch.uint8 and label.item() == 3
+    mean, std = moments.chunk(2)
+    # identity "VAE": the latent mean is the image in [-1, 1] and the std is zero
+    torch.testing.assert_close(mean, img.float() / 127.5 - 1)
+    assert std.abs().max() == 0
+
+
+def test_synthetic_is_deterministic_and_classes_differ(tmp_path):
+    a = REPAFolderDataset(write_dataset(str(tmp_path / "a"), 20, seed=3))
+    b = REPAFolderDataset(write_dataset(str(tmp_path / "b"), 20, seed=3))
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(20))
+    assert not torch.equal(a[0][0], a[10][0])  # same class, different draw
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    root = write_dataset(str(tmp_path / "d"), 12, seed=0)
+    with pytest.raises(FileNotFoundError, match="images"):
+        REPAFolderDataset(str(tmp_path / "nothing"))
+    bad = os.path.join(root, "vae-sd", "00000", "img-mean-std-00000004.npy")
+    with open(bad, "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(ValueError, match="img-mean-std-00000004.npy"):
+        REPAFolderDataset(root)[4]
+    os.remove(os.path.join(root, "images", "00000", "img00000005.png"))
+    with pytest.raises(ValueError, match="11 images but .* 12 latent files"):
+        REPAFolderDataset(root)
+
+
+def test_label_file_missing_a_key(tmp_path):
+    root = write_dataset(str(tmp_path / "d"), 12, seed=0)
+    path = os.path.join(root, "vae-sd", "dataset.json")
+    labels = json.load(open(path))["labels"][:-1]
+    json.dump({"labels": labels}, open(path, "w"))
+    with pytest.raises(ValueError, match="no label for 1 latent file"):
+        REPAFolderDataset(root)
+
+
+def test_step_sampler_restarts_exactly():
+    full = list(StepSampler(50, 8, seed=5, num_steps=20))
+    tail = list(StepSampler(50, 8, seed=5, start_step=13, num_steps=7))
+    assert full[13:] == tail
+    # each epoch (6 steps of 8 out of 50) is a permutation without repeats; epochs differ
+    first = sum(full[:6], [])
+    assert len(set(first)) == 48 and full[:6] != full[6:12]
+
+
+def test_step_sampler_ranks_partition_the_global_batch():
+    r0 = list(StepSampler(40, 8, seed=1, rank=0, world_size=2, num_steps=5))
+    r1 = list(StepSampler(40, 8, seed=1, rank=1, world_size=2, num_steps=5))
+    one = list(StepSampler(40, 8, seed=1, num_steps=5))
+    assert [a + b for a, b in zip(r0, r1)] == one
+    with pytest.raises(ValueError, match="not divisible"):
+        StepSampler(40, 9, seed=1, world_size=2)
+
+
+def test_patch_pixel_encoder_tokens():
+    enc = load_encoder("patch-pixels", resolution=8, grid=2)
+    img = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8).to(torch.uint8)
+    z = enc(img)
+    assert z.shape == (1, 4, 48)
+    x = img.float() / 127.5 - 1
+    tok1 = x[0, :, 0:4, 4:8].reshape(-1)  # row 0, column 1
+    torch.testing.assert_close(z[0, 1], tok1 - tok1.mean())
+    with pytest.raises(NotImplementedError, match="dinov2-vit-b"):
+        load_encoder("dinov2-vit-b")
+    with pytest.raises(ValueError, match="unknown encoder 'dino'"):
+        load_encoder("dino")
