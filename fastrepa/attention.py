@@ -8,6 +8,7 @@ q, k, v are [B, H, T, hd] (the layout `fastrepa.kernels.qk_norm_split` produces)
 - "flash_attn": the flash-attn package (CUDA, fp16/bf16 only);
 - "xformers": xformers memory_efficient_attention (CUDA).
 """
+import importlib
 import math
 
 import torch
@@ -16,26 +17,22 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "math", "flash_attn", "xformers")
 
 
+OPTIONAL = {"flash_attn": ("flash_attn", "flash"), "xformers": ("xformers.ops", "xformers")}
+
+
 def check_backend(backend: str) -> None:
-    """Raise a clear error when `backend` is unknown or cannot run here."""
+    """Raise a clear error when `backend` is unknown or cannot run on this machine."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    if backend == "flash_attn":
+    if backend in OPTIONAL:
+        module, extra = OPTIONAL[backend]
         try:
-            import flash_attn  # noqa: F401
+            importlib.import_module(module)
         except ImportError as e:
-            raise RuntimeError("attention backend 'flash_attn' needs the flash-attn package "
-                               "(pip install -e .[flash]) and a CUDA GPU") from e
+            raise RuntimeError(f"attention backend {backend!r} needs the {extra} extra "
+                               f"(pip install -e .[{extra}]) and a CUDA GPU") from e
         if not torch.cuda.is_available():
-            raise RuntimeError("attention backend 'flash_attn' needs a CUDA GPU")
-    if backend == "xformers":
-        try:
-            import xformers.ops  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError("attention backend 'xformers' needs the xformers package "
-                               "(pip install -e .[xformers]) and a CUDA GPU") from e
-        if not torch.cuda.is_available():
-            raise RuntimeError("attention backend 'xformers' needs a CUDA GPU")
+            raise RuntimeError(f"attention backend {backend!r} needs a CUDA GPU")
 
 
 def attention_math(q, k, v):

@@ -19,22 +19,10 @@ import operator
 
 import torch
 
+from fastrepa.models import unwrap
 from fastrepa.objectives.interpolants import check_path_type, score_coefficients
 
 SDE_LAST_T = 0.04  # the SDE grid runs linspace(1, 0.04, num_steps) and then a noise-free step to 0
-
-
-def _owner(model):
-    """The module behind `model` (a bound method's owner, DDP `.module`, torch.compile `_orig_mod`)."""
-    model = getattr(model, "__self__", model)
-    for _ in range(4):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            break
-        model = inner
-    return model
 
 
 def _check(name, latents, y, num_steps, guidance_low, guidance_high, path_type):
@@ -66,7 +54,7 @@ class _Velocity:
         guided_ever = cfg_scale > 1.0
         if guided_ever:
             if null_class is None:
-                null_class = getattr(_owner(model), "num_classes", 1000)
+                null_class = getattr(unwrap(model), "num_classes", 1000)
             self.y_cfg = torch.cat([y, torch.full_like(y, int(null_class))])
         width = 2 * self.n if guided_ever else self.n
         # Official: ones(batch, float64) * t_cur, then cast to latents.dtype on the device.

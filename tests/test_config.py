@@ -64,3 +64,19 @@ def test_choices_are_enforced_by_the_parser(argv, capsys):
 def test_unknown_flat_key():
     with pytest.raises(ConfigError, match="bogus"):
         from_flat({"exp_name": "e", "bogus": 1})
+
+
+@pytest.mark.parametrize("argv,msg", [(["--model", "SiT-B/2", "--encoder-depth", "13"], "--encoder-depth"),
+                                      (["--model", "SiT-B/2", "--encoder-depth", "0"], "--encoder-depth"),
+                                      (["--model", "SiT-B/2", "--num-heads", "5"], "--num-heads")])
+def test_model_options_checked_at_parse_time(argv, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse("--exp-name", "e", *argv)
+
+
+def test_train_cli_reports_bad_flag_without_traceback(capsys):
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main(["--exp-name", "e", "--model", "SiT-B/2", "--encoder-depth", "13"])
+    assert e.value.code == 2
+    assert "--encoder-depth" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """Model registry: `build_model("SiT-XL/2", **overrides)` with the official REPA constructor names."""
+from torch import nn
+
 from fastrepa.attention import BACKENDS
 from fastrepa.models.sit import SiT
 
@@ -52,9 +54,23 @@ def validate_model_kwargs(kw: dict) -> None:
     need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
 
 
+def unwrap(model):
+    """The module behind `model`: a bound method's owner (`model.velocity`), DDP `.module`, torch.compile
+    `_orig_mod`, so attributes such as num_classes are found whatever wraps the model."""
+    model = getattr(model, "__self__", model)
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
 def build_model(name: str, **overrides) -> SiT:
     """Build a SiT by registry name; overrides use the official REPA SiT constructor names."""
     return SiT(**model_kwargs(name, **overrides))
 
 
-__all__ = ["MODEL_NAMES", "OVERRIDES", "SIZES", "SiT", "build_model", "model_kwargs"]
+__all__ = ["MODEL_NAMES", "OVERRIDES", "SIZES", "SiT", "build_model", "model_kwargs", "unwrap"]

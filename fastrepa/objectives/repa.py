@@ -13,6 +13,7 @@ labels itself, as the official code does.
 import torch
 
 from fastrepa.kernels import alignment_loss
+from fastrepa.models import unwrap
 from fastrepa.objectives.interpolants import check_path_type, interpolant
 
 WEIGHTINGS = ("uniform", "lognormal")
@@ -56,21 +57,8 @@ def sample_time(n: int, weighting: str = "uniform", path_type: str = "linear", g
     return t if device is None else t.to(device)
 
 
-def _unwrap(model):
-    """The module that holds the attributes (through DDP `.module` and torch.compile `_orig_mod`)."""
-    model = getattr(model, "__self__", model)  # a bound method such as `model.velocity`
-    for _ in range(4):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            break
-        model = inner
-    return model
-
-
 def label_dropout_prob(model) -> float:
-    y_embedder = getattr(_unwrap(model), "y_embedder", None)
+    y_embedder = getattr(unwrap(model), "y_embedder", None)
     return float(getattr(y_embedder, "dropout_prob", 0.0) or 0.0)
 
 

@@ -5,7 +5,6 @@ generator seeded by (seed, rank, step) and the data order is a pure function of 
 `--resume-step S` continues exactly where the run that wrote step S was.
 """
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -13,6 +12,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from fastrepa.attention import check_backend
 from fastrepa.checkpoint import cpu_state_dict, load_checkpoint_file, load_weights, save_checkpoint_file
 from fastrepa.config import TrainConfig, to_flat
 from fastrepa.data import REPAFolderDataset, StepSampler, build_loader
@@ -71,6 +71,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     # Everything that can be wrong with the inputs is checked before any heavy work.
+    check_backend(cfg.model.backend())
     dataset = REPAFolderDataset(cfg.data.data_dir)
     overrides = cfg.model_overrides()
     patch = int(cfg.model.model.split("/")[1])
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
         mean, std = moments.chunk(2, dim=1)
         x_all = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * cfg.data.latents_scale \
             + cfg.data.latents_bias
-        loss_sum = proj_sum = 0.0
+        loss_sum = proj_sum = torch.zeros((), device=device)
         for k in range(accum):
             part = slice(k * x_all.shape[0] // accum, (k + 1) * x_all.shape[0] // accum)
             with autocast:
@@ -152,7 +153,8 @@ def train(cfg: TrainConfig) -> dict:
             proj_sum = proj_sum + proj.detach() / accum
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+        # One host sync per step, and the optimizer never sees a non-finite step.
+        if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
             raise NonFiniteError(f"step {step}: loss {float(loss_sum)} / grad norm {float(grad_norm)} is not finite; "
                                  f"the weights were not updated (last checkpoint: {last_ckpt})")
         scaler.step(opt)
@@ -162,16 +164,17 @@ def train(cfg: TrainConfig) -> dict:
         step += 1
         images_trained += cfg.batch_size
 
-        window["loss"] += float(loss_sum)
-        window["proj_loss"] += float(proj_sum)
-        window["grad_norm"] += float(grad_norm)
+        window["loss"] += loss_sum
+        window["proj_loss"] += proj_sum
+        window["grad_norm"] += grad_norm.detach()
         window["n"] += 1
         window["images"] += cfg.batch_size
         bar.update(1)
         if step % cfg.log_every == 0 or step == max_steps:
             dt = time.time() - window["t"]
-            row = {"step": step, "images": step * cfg.batch_size, "loss": window["loss"] / window["n"],
-                   "proj_loss": window["proj_loss"] / window["n"], "grad_norm": window["grad_norm"] / window["n"],
+            row = {"step": step, "images": step * cfg.batch_size, "loss": float(window["loss"]) / window["n"],
+                   "proj_loss": float(window["proj_loss"]) / window["n"],
+                   "grad_norm": float(window["grad_norm"]) / window["n"],
                    "lr": opt.param_groups[0]["lr"], "images_per_s": window["images"] / max(dt, 1e-9)}
             history.append(row)
             metrics_file.write(json.dumps(row) + "\n")
