@@ -27,7 +27,8 @@ def build_parser():
                    help="accepted for compatibility; the projector sizes are read from the checkpoint")
     p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
                    help="accepted for compatibility; the legacy layout is detected from the keys")
-    p.add_argument("--vae", default=None, help="latent decoder (default: the checkpoint's, else identity)")
+    p.add_argument("--vae", default=None,
+                   help="latent decoder (default: the checkpoint's; official checkpoints: ema, the SD-VAE)")
     p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--mode", choices=("ode", "sde"), default="ode")
@@ -71,7 +72,10 @@ def main(argv=None) -> int:
         overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
     model, args = model_from_checkpoint(a.ckpt, a.weights, overrides)
     model.to(device)
-    vae = load_vae(a.vae or args.get("vae") or "identity").to(device)
+    try:
+        vae = load_vae(a.vae or args.get("vae") or "ema").to(device)
+    except NotImplementedError as e:
+        parser.error(f"--vae: {e}")
     path_type = a.path_type or args.get("path_type") or "linear"
 
     ckpt_name = os.path.splitext(os.path.basename(a.ckpt))[0]

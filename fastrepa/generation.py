@@ -39,11 +39,10 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     args = dict(ckpt.get("args") or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.pop("model", None) or args.get("model") or "SiT-XL/2"
-    kw = {k: args[k] for k in OVERRIDES if args.get(k) is not None}
+    # The attention backend is this machine's choice (overrides), not the training run's.
+    kw = {k: args[k] for k in OVERRIDES if k != "attn_backend" and args.get(k) is not None}
     if "input_size" not in kw and args.get("resolution"):
         kw["input_size"] = int(args["resolution"]) // 8
-    if "attn_backend" in kw and kw["attn_backend"] == "math" and args.get("fused_attn", True):
-        kw.pop("attn_backend")
     kw.update(overrides)
     sd = normalize_keys(select_weights(ckpt, weights, source=path), kw.get("encoder_depth", 8))
     z_dims, hidden = projector_dims(sd)

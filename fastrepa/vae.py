@@ -22,12 +22,16 @@ class IdentityVAE(torch.nn.Module):
 def load_vae(name: str) -> torch.nn.Module:
     if name == "identity":
         return IdentityVAE()
-    raise NotImplementedError(f"VAE {name!r} is not available in this version; available: identity")
+    raise NotImplementedError(f"VAE {name!r} (the SD-VAE decoder) is not available in this version yet; "
+                              f"available: identity")
 
 
 def decode_to_uint8(vae, latents, latents_scale: float, latents_bias: float) -> torch.Tensor:
     """Latents [N, C, h, w] -> uint8 images [N, H, W, 3] on the CPU, as the official generate.py."""
     x = vae.decode((latents - latents_bias) / latents_scale)
+    if x.shape[1] != 3:
+        raise ValueError(f"the {type(vae).__name__} decoder gave {x.shape[1]}-channel images, expected RGB: "
+                         f"the model's latents ({latents.shape[1]} channels) do not fit this VAE (--vae)")
     x = (x.float() + 1) / 2
     return torch.clamp(255.0 * x, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
 

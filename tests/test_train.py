@@ -107,3 +107,28 @@ def test_generate_rejects_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_cli.main(["--ckpt", "x", "--mode", "sde", "--num-steps", "1"])
     assert "--num-steps" in capsys.readouterr().err
+
+
+def test_generate_from_an_official_legacy_file(tmp_path, capsys):
+    """Namespace args, legacy decoder_blocks keys, no 'vae' in args: the SD-VAE default is refused clearly."""
+    import argparse
+
+    from conftest import TINY, tiny_model
+    m = tiny_model(in_channels=3)
+    sd = {}
+    for k, v in m.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= TINY["encoder_depth"]:
+            k = ".".join(["decoder_blocks", str(int(parts[1]) - TINY["encoder_depth"])] + parts[2:])
+        sd[k] = v
+    args = argparse.Namespace(model="SiT-S/2", resolution=64, encoder_depth=2, qk_norm=False, num_classes=10,
+                              hidden_size=64, depth=4, num_heads=4, in_channels=3)
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": args, "steps": 400000}, path)
+    base = ["--ckpt", str(path), "--sample-dir", str(tmp_path / "s"), "--num-fid-samples", "2", "--num-steps", "2"]
+    with pytest.raises(SystemExit):
+        generate_cli.main(base)
+    assert "SD-VAE" in capsys.readouterr().err
+    assert generate_cli.main(base + ["--vae", "identity", "--no-png"]) == 0
+    arr = np.load(next((tmp_path / "s").glob("*.npz")))["arr_0"]
+    assert arr.shape == (2, 8, 8, 3) and arr.dtype == np.uint8
