@@ -4,16 +4,10 @@ kernels/ sits at the top level of the repository (the product layout) and instal
 subpackage `fastrepa.kernels`; a top-level `kernels` package would collide with the PyPI project of
 that name.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "fastrepa",
-    "fastrepa.models",
-    "fastrepa.objectives",
-    "fastrepa.data",
-    "fastrepa.encoders",
-    "fastrepa.kernels",
-]
+# Every package under fastrepa/, plus kernels/ installed as fastrepa.kernels.
+PACKAGES = [p for p in find_packages(include=["fastrepa", "fastrepa.*"])] + ["fastrepa.kernels"]
 
 setup(
     name="fastrepa",
