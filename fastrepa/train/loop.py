@@ -140,7 +140,7 @@ def train(cfg: TrainConfig) -> dict:
         mean, std = moments.chunk(2, dim=1)
         x_all = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * cfg.data.latents_scale \
             + cfg.data.latents_bias
-        loss_sum = proj_sum = torch.zeros((), device=device)
+        loss_sum = denoise_sum = proj_sum = torch.zeros((), device=device)
         for k in range(accum):
             part = slice(k * x_all.shape[0] // accum, (k + 1) * x_all.shape[0] // accum)
             with autocast:
@@ -150,6 +150,7 @@ def train(cfg: TrainConfig) -> dict:
                 loss = denoise.mean() + cfg.objective.proj_coeff * proj
             scaler.scale(loss / accum).backward()
             loss_sum = loss_sum + loss.detach() / accum
+            denoise_sum = denoise_sum + denoise.detach().mean() / accum
             proj_sum = proj_sum + proj.detach() / accum
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
         step += 1
         images_trained += cfg.batch_size
 
-        window["loss"] += loss_sum
+        window["loss"] += denoise_sum  # as official REPA logs it: the denoising loss alone
         window["proj_loss"] += proj_sum
         window["grad_norm"] += grad_norm.detach()
         window["n"] += 1
