@@ -18,7 +18,7 @@ from fastrepa.config import TrainConfig, to_flat
 from fastrepa.data import REPAFolderDataset, StepSampler, build_loader
 from fastrepa.encoders import load_encoder
 from fastrepa.models import build_model
-from fastrepa.objectives import repa_loss
+from fastrepa.objectives import repa_loss, total_loss
 from fastrepa.sampling import euler_sampler
 from fastrepa.train.ema import make_ema, update_ema
 from fastrepa.train.rng import step_generator
@@ -147,7 +147,7 @@ def train(cfg: TrainConfig) -> dict:
                 denoise, proj = repa_loss(model, x_all[part], labels[part], [z[part] for z in zs_all],
                                           path_type=cfg.objective.path_type, prediction=cfg.objective.prediction,
                                           weighting=cfg.objective.weighting, generator=g)
-                loss = denoise.mean() + cfg.objective.proj_coeff * proj
+                loss = total_loss(denoise, proj, cfg.objective.proj_coeff)
             scaler.scale(loss / accum).backward()
             loss_sum = loss_sum + loss.detach() / accum
             denoise_sum = denoise_sum + denoise.detach().mean() / accum
