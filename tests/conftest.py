@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -21,3 +23,11 @@ def tiny_model(**kw):
             if "adaLN_modulation" in name or "final_layer" in name:
                 p.normal_(0, 0.05)
     return model
+
+
+def hand_interpolant(t, path):
+    """(alpha, sigma, d_alpha, d_sigma) written out plainly, independent of fastrepa.objectives."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    a, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+    return a, s, -math.pi / 2 * s, math.pi / 2 * a

@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import hand_interpolant
 import torch.nn.functional as F
 
 from fastrepa.models import build_model
@@ -150,12 +152,7 @@ def test_sample_time_global_rng_and_errors():
 
 def hand_loss(model, x, y, zs, time, noise, path, force_drop_ids=None):
     """The REPA loss written out plainly (fp64 where it matters)."""
-    tb = time.view(-1, 1, 1, 1)
-    if path == "linear":
-        a, s, da, ds = 1 - tb, tb, -torch.ones_like(tb), torch.ones_like(tb)
-    else:
-        a, s = torch.cos(tb * math.pi / 2), torch.sin(tb * math.pi / 2)
-        da, ds = -math.pi / 2 * torch.sin(tb * math.pi / 2), math.pi / 2 * torch.cos(tb * math.pi / 2)
+    a, s, da, ds = hand_interpolant(time.view(-1, 1, 1, 1), path)
     x_t = a * x + s * noise
     target = da * x + ds * noise
     kw = {} if force_drop_ids is None else {"force_drop_ids": force_drop_ids}

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from conftest import hand_interpolant
+
 from fastrepa.models import build_model
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 
@@ -73,12 +75,7 @@ def ref_euler(model, latents, y, num_steps, heun, cfg, lo, hi, null):
 
 
 def ref_score(v, x, t, path):
-    t = t.view(-1, 1, 1, 1)
-    if path == "linear":
-        a, s, da, ds = 1 - t, t, -torch.ones_like(x), torch.ones_like(x)
-    else:
-        a, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
-        da, ds = -math.pi / 2 * torch.sin(t * math.pi / 2), math.pi / 2 * torch.cos(t * math.pi / 2)
+    a, s, da, ds = hand_interpolant(t.view(-1, 1, 1, 1), path)
     r = a / da
     return (r * v - x) / (s ** 2 - r * ds * s)
 

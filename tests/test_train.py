@@ -84,9 +84,9 @@ def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):
 def test_generate_writes_npz_and_pngs(tmp_path, data16, mode):
     report = train(cfg(tmp_path, data16, exp_name="g", max_train_steps=3))
     out = tmp_path / "samples"
-    argv = ["--ckpt", report["checkpoint"], "--sample-dir", str(out), "--num-fid-samples", "5",
-            "--per-proc-batch-size", "2", "--mode", mode, "--num-steps", "3", "--cfg-scale", "2.0"]
-    assert generate_cli.main(argv) == 0
+    common = ["--ckpt", report["checkpoint"], "--num-fid-samples", "5", "--mode", mode, "--num-steps", "3",
+              "--cfg-scale", "2.0"]
+    assert generate_cli.main(common + ["--sample-dir", str(out), "--per-proc-batch-size", "2"]) == 0
     npz = [p for p in out.iterdir() if p.suffix == ".npz"]
     arr = np.load(npz[0])["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (5, 16, 16, 3)
@@ -94,8 +94,7 @@ def test_generate_writes_npz_and_pngs(tmp_path, data16, mode):
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}.png" for i in range(5)]
     if mode == "ode":
         # sample i does not depend on the batch it falls in
-        assert generate_cli.main(argv[:-8] + ["--per-proc-batch-size", "5", "--mode", mode, "--num-steps", "3",
-                                             "--cfg-scale", "2.0", "--sample-dir", str(tmp_path / "s2")]) == 0
+        assert generate_cli.main(common + ["--sample-dir", str(tmp_path / "s2"), "--per-proc-batch-size", "5"]) == 0
         arr2 = np.load(next((tmp_path / "s2").glob("*.npz")))["arr_0"]
         np.testing.assert_array_equal(arr, arr2)
 

@@ -17,7 +17,7 @@ from fastrepa.checkpoint import cpu_state_dict, load_checkpoint_file, load_weigh
 from fastrepa.config import TrainConfig, to_flat
 from fastrepa.data import REPAFolderDataset, StepSampler, build_loader
 from fastrepa.encoders import load_encoder
-from fastrepa.models import build_model
+from fastrepa.models import build_model, model_kwargs
 from fastrepa.objectives import repa_loss, total_loss
 from fastrepa.sampling import euler_sampler
 from fastrepa.train.ema import make_ema, update_ema
@@ -74,8 +74,7 @@ def train(cfg: TrainConfig) -> dict:
     check_backend(cfg.model.backend())
     dataset = REPAFolderDataset(cfg.data.data_dir)
     overrides = cfg.model_overrides()
-    patch = int(cfg.model.model.split("/")[1])
-    grid = overrides["input_size"] // patch
+    grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
     encoders = [load_encoder(e, resolution=cfg.data.resolution, grid=grid).to(device)
                 for e in cfg.objective.encoders]
     model = build_model(cfg.model.model, z_dims=[e.embed_dim for e in encoders], **overrides).to(device)
@@ -97,6 +96,8 @@ def train(cfg: TrainConfig) -> dict:
         load_weights(ema, ckpt["ema"], source=f"{path} [ema]")
         opt.load_state_dict(ckpt["opt"])
         step = int(ckpt["steps"])
+        if step != cfg.resume_step:
+            raise ValueError(f"checkpoint {path} is of step {step}, not --resume-step={cfg.resume_step}")
     steps_per_epoch = sampler.steps_per_epoch
     max_steps = min(cfg.max_train_steps, cfg.epochs * steps_per_epoch)
 
@@ -113,7 +114,10 @@ def train(cfg: TrainConfig) -> dict:
     loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
     metrics_file = open(os.path.join(exp_dir, "metrics.jsonl"), "a")
     history, last_ckpt, last_grid = [], None, None
-    window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0}
+    def new_window():
+        return {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0}
+
+    window = new_window()
 
     def save(step_now: int):
         path = checkpoint_path(cfg, step_now)
@@ -182,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics_file.flush()
             bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
                             img_s=f"{row['images_per_s']:.0f}")
-            window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0}
+            window = new_window()
         if step % cfg.checkpointing_steps == 0 or step == max_steps:
             last_ckpt = save(step)
         if step % cfg.sampling_steps == 0 or step == max_steps:
