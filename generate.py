@@ -23,6 +23,10 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                   help="fused ops: Triton kernels on CUDA (auto, triton) or the PyTorch reference (torch)")
+    p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="2D RoPE on q/k (default: the checkpoint's)")
     p.add_argument("--projector-embed-dims", default=None,
                    help="accepted for compatibility; the projector sizes are read from the checkpoint")
     p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
@@ -67,7 +71,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
     overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
-                 "qk_norm": a.qk_norm, "input_size": a.resolution // 8 if a.resolution else None}
+                 "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels, "input_size": a.resolution // 8 if a.resolution else None}
     if a.fused_attn is not None:
         overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
     model, args = model_from_checkpoint(a.ckpt, a.weights, overrides)

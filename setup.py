@@ -20,6 +20,7 @@ setup(
     package_dir={"fastrepa.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
+        "triton; platform_system == 'Linux'",  # the fused kernels; torch's Linux wheels bring it anyway
         "numpy",
         "pillow",
         "tqdm",

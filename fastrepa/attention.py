@@ -1,6 +1,6 @@
 """One attention call for every model, with a choice of backend.
 
-q, k, v are [B, H, T, hd] (the layout `fastrepa.kernels.qk_norm_split` produces); the result is
+q, k, v are [B, H, T, hd] (the layout `fastrepa.kernels.qk_norm_rope` produces); the result is
 [B, T, H*hd], ready for the output projection. Backends:
 - "sdpa" (default): torch scaled_dot_product_attention, which picks flash / cuDNN / efficient kernels
   on CUDA and a fused CPU kernel elsewhere;

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from fastrepa.attention import BACKENDS
+from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 
@@ -48,6 +49,9 @@ class ModelConfig:
     qk_norm: bool = flag(False, "LayerNorm on q and k per head (keys attn.q_norm / attn.k_norm)")
     fused_attn: bool = flag(True, "fused attention (sdpa); --no-fused-attn uses the explicit math reference")
     attn_backend: str = flag("sdpa", "attention backend (overrides --fused-attn when not sdpa)", choices=BACKENDS)
+    kernels: str = flag("auto", "fused ops: triton (Triton kernels, CUDA), torch (PyTorch reference), "
+                                "auto (triton on CUDA, torch elsewhere)", choices=IMPLS)
+    rope: bool = flag(False, "2D axial rotary embedding on q and k (after the QK-norm); adds no weights")
     # Size overrides (official SiT constructor names); None keeps the registry value.
     input_size: int | None = flag(None, "latent size (default: resolution // 8)")
     in_channels: int | None = flag(None, "latent channels (default 4, the SD-VAE)")
@@ -61,6 +65,7 @@ class ModelConfig:
         _need(self.model in MODEL_NAMES, "model", self.model, f"one of {', '.join(MODEL_NAMES)}")
         _need(self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
         _need(self.attn_backend in BACKENDS, "attn_backend", self.attn_backend, f"one of {BACKENDS}")
+        _need(self.kernels in IMPLS, "kernels", self.kernels, f"one of {IMPLS}")
 
     def backend(self) -> str:
         if self.attn_backend != "sdpa":
@@ -176,7 +181,7 @@ class TrainConfig:
         """Constructor arguments for `build_model(self.model.model, **...)` (z_dims is the caller's)."""
         m = self.model
         kw = dict(num_classes=m.num_classes, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
-                  qk_norm=m.qk_norm, attn_backend=m.backend(),
+                  qk_norm=m.qk_norm, attn_backend=m.backend(), kernels=m.kernels, rope=m.rope,
                   input_size=m.input_size if m.input_size is not None else self.data.resolution // 8)
         for name in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob"):
             if getattr(m, name) is not None:

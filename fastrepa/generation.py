@@ -39,8 +39,9 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     args = dict(ckpt.get("args") or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.pop("model", None) or args.get("model") or "SiT-XL/2"
-    # The attention backend is this machine's choice (overrides), not the training run's.
-    kw = {k: args[k] for k in OVERRIDES if k != "attn_backend" and args.get(k) is not None}
+    # The attention backend and the fused-op implementation are this machine's choice (overrides), not
+    # the training run's.
+    kw = {k: args[k] for k in OVERRIDES if k not in ("attn_backend", "kernels") and args.get(k) is not None}
     if "input_size" not in kw and args.get("resolution"):
         kw["input_size"] = int(args["resolution"]) // 8
     kw.update(overrides)

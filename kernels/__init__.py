@@ -1,33 +1,39 @@
 """Fused ops of fastrepa, imported as `fastrepa.kernels`.
 
-Each op lives in its own module as `<op>_reference` (plain PyTorch, the definition of its semantics)
-and the public `<op>` that the model calls. The public functions run the reference today; the Triton
-forward/backward kernels join them op by op (see DESIGN.md, "The fused-op rule"), so the model never
-changes when they do.
+Each op lives in its own module as three things side by side (DESIGN.md, "The fused-op rule"):
+`<op>_reference` (plain PyTorch, the definition of its semantics), the Triton forward/backward kernels
+registered as torch.library custom ops with autograd, and the public `<op>(..., impl="auto")` that
+the model calls. `impl` is "triton", "torch" or "auto" (Triton on CUDA, the reference elsewhere);
+see `_dispatch.py`.
 """
+from ._dispatch import IMPLS, use_triton
 from .adaln import (
     gated_residual,
-    gated_residual_reference,
     gated_residual_layernorm_modulate,
     gated_residual_layernorm_modulate_reference,
+    gated_residual_reference,
     layernorm_modulate,
     layernorm_modulate_reference,
 )
 from .align_loss import alignment_loss, alignment_loss_reference
-from .projector import projector, projector_reference
-from .qk_norm import qk_norm_split, qk_norm_split_reference
+from .projector import bias_silu, bias_silu_reference, projector, projector_reference
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 
 __all__ = [
+    "IMPLS",
     "alignment_loss",
     "alignment_loss_reference",
+    "bias_silu",
+    "bias_silu_reference",
     "gated_residual",
-    "gated_residual_reference",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_reference",
+    "gated_residual_reference",
     "layernorm_modulate",
     "layernorm_modulate_reference",
     "projector",
     "projector_reference",
-    "qk_norm_split",
-    "qk_norm_split_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "use_triton",
 ]

@@ -1,9 +1,15 @@
 import math
+import os
 
 import pytest
 import torch
 
-from fastrepa.models import build_model
+# Triton kernels run in the CPU interpreter when there is no GPU. This must be set before any
+# kernel module is imported (triton.jit reads it at decoration time), hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastrepa.models import build_model  # noqa: E402
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
             num_classes=10, z_dims=[16, 24], encoder_depth=2, projector_dim=32)

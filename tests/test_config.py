@@ -80,3 +80,12 @@ def test_train_cli_reports_bad_flag_without_traceback(capsys):
         train.main(["--exp-name", "e", "--model", "SiT-B/2", "--encoder-depth", "13"])
     assert e.value.code == 2
     assert "--encoder-depth" in capsys.readouterr().err
+
+
+def test_kernels_and_rope_flags_reach_the_model():
+    cfg = parse("--preset", "demo", "--kernels", "torch", "--rope", "--qk-norm")
+    kw = cfg.model_overrides()
+    assert kw["kernels"] == "torch" and kw["rope"] is True and kw["qk_norm"] is True
+    assert parse("--preset", "demo").model.kernels == "auto"
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices, naming the flag
+        parse("--kernels", "cuda")

@@ -2,6 +2,7 @@
 from torch import nn
 
 from fastrepa.attention import BACKENDS
+from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.models.sit import SiT
 
 # size -> (depth, hidden_size, num_heads). S is fixed here: upstream its width silently defaults to 768.
@@ -11,7 +12,7 @@ MODEL_NAMES = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCHES)
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
-             "attn_backend")
+             "attn_backend", "kernels", "rope")
 
 
 def model_kwargs(name: str, **overrides) -> dict:
@@ -25,7 +26,7 @@ def model_kwargs(name: str, **overrides) -> dict:
     depth, hidden, heads = SIZES[size]
     kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
               num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
-              encoder_depth=8, projector_dim=2048, qk_norm=False, attn_backend="sdpa")
+              encoder_depth=8, projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["z_dims"] = [int(z) for z in kw["z_dims"]]
     validate_model_kwargs(kw)
@@ -52,6 +53,10 @@ def validate_model_kwargs(kw: dict) -> None:
         need(1 <= kw["encoder_depth"] <= kw["depth"],
              f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} (the model depth)")
     need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
+    need(kw["kernels"] in IMPLS, f"kernels={kw['kernels']!r} is not one of {IMPLS}")
+    if kw["rope"]:
+        head_dim = kw["hidden_size"] // kw["num_heads"]
+        need(head_dim % 4 == 0, f"rope=True needs head_dim (hidden_size / num_heads = {head_dim}) divisible by 4")
 
 
 def unwrap(model):

@@ -12,9 +12,14 @@ from fastrepa.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, s
 
 
 class Attention(nn.Module):
-    """timm Attention layout: `qkv` (with bias), optional `q_norm`/`k_norm` LayerNorm(head_dim), `proj`."""
+    """timm Attention layout: `qkv` (with bias), optional `q_norm`/`k_norm` LayerNorm(head_dim), `proj`.
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, attn_backend: str = "sdpa"):
+    `rope_grid` (grid_h, grid_w) applies 2D axial rotary embeddings to q and k after the QK-norm (no
+    parameters, so no state-dict keys); `kernels` picks the fused-op implementation (fastrepa.kernels).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, attn_backend: str = "sdpa",
+                 kernels: str = "auto", rope_grid=None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -25,13 +30,13 @@ class Attention(nn.Module):
             self.k_norm = nn.LayerNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
         self.attn_backend = attn_backend
+        self.kernels = kernels
+        self.rope_grid = None if rope_grid is None else tuple(rope_grid)
 
     def forward(self, x):
-        if self.qk_norm:
-            q, k, v = K.qk_norm_split(self.qkv(x), self.num_heads, self.q_norm.weight, self.q_norm.bias,
-                                      self.k_norm.weight, self.k_norm.bias, eps=self.q_norm.eps, norm="layernorm")
-        else:
-            q, k, v = K.qk_norm_split(self.qkv(x), self.num_heads)
+        norm = dict(q_weight=self.q_norm.weight, q_bias=self.q_norm.bias, k_weight=self.k_norm.weight,
+                    k_bias=self.k_norm.bias, eps=self.q_norm.eps, norm="layernorm") if self.qk_norm else {}
+        q, k, v = K.qk_norm_rope(self.qkv(x), self.num_heads, rope_grid=self.rope_grid, impl=self.kernels, **norm)
         return self.proj(attention(q, k, v, self.attn_backend))
 
 
@@ -48,48 +53,67 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """adaLN-Zero block; adaLN chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp."""
+    """adaLN-Zero block; adaLN chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+
+    The residual updates are fused with the LayerNorm that follows them: inside the block (attention ->
+    MLP) always, and across blocks when the caller passes the previous block's deferred MLP residual
+    as `pending` = (gate, y) and asks for its own with `defer=True`. `block(x, c)` alone is the
+    plain official block.
+    """
 
     eps = 1e-6  # norm1/norm2: LayerNorm without affine (no state-dict keys)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 attn_backend: str = "sdpa"):
+                 attn_backend: str = "sdpa", kernels: str = "auto", rope_grid=None):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, attn_backend=attn_backend)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, attn_backend=attn_backend,
+                              kernels=kernels, rope_grid=rope_grid)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.kernels = kernels
 
-    def forward(self, x, c):
+    def forward(self, x, c, pending=None, defer: bool = False):
+        """x [N, T, D], c [N, D] -> x after the block, or (x, (gate_mlp, mlp_out)) with defer=True."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = K.layernorm_modulate(x, shift_msa, scale_msa, self.eps)
-        x, h = K.gated_residual_layernorm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.eps)
-        return K.gated_residual(x, gate_mlp, self.mlp(h))
+        if pending is None:
+            h = K.layernorm_modulate(x, shift_msa, scale_msa, self.eps, impl=self.kernels)
+        else:
+            x, h = K.gated_residual_layernorm_modulate(x, pending[0], pending[1], shift_msa, scale_msa, self.eps,
+                                                       impl=self.kernels)
+        x, h = K.gated_residual_layernorm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.eps,
+                                                   impl=self.kernels)
+        y = self.mlp(h)
+        if defer:
+            return x, (gate_mlp, y)
+        return K.gated_residual(x, gate_mlp, y, impl=self.kernels)
 
 
 class FinalLayer(nn.Module):
     eps = 1e-6  # norm_final: LayerNorm without affine
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(K.layernorm_modulate(x, shift, scale, self.eps))
+        return self.linear(K.layernorm_modulate(x, shift, scale, self.eps, impl=self.kernels))
 
 
 class Projector(nn.Sequential):
     """Linear-SiLU-Linear-SiLU-Linear with keys .0/.2/.4; runs through the fused `projector` op."""
 
-    def __init__(self, hidden_size: int, projector_dim: int, z_dim: int):
+    def __init__(self, hidden_size: int, projector_dim: int, z_dim: int, kernels: str = "auto"):
         super().__init__(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, z_dim))
+        self.kernels = kernels
 
     def forward(self, x):
         return K.projector(x, self[0].weight, self[0].bias, self[2].weight, self[2].bias,
-                           self[4].weight, self[4].bias)
+                           self[4].weight, self[4].bias, impl=self.kernels)
 
 
 class SiT(nn.Module):
@@ -98,8 +122,9 @@ class SiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, z_dims=(768,), encoder_depth: int = 8, projector_dim: int = 2048,
-                 qk_norm: bool = False, attn_backend: str = "sdpa"):
+                 qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False):
         super().__init__()
+        self.kernels = kernels
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.patch_size = patch_size
@@ -113,10 +138,12 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        grid = self.x_embedder.grid_size
         self.blocks = nn.ModuleList(
-            [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend) for _ in range(depth)])
-        self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z) for z in self.z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+            [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend, kernels,
+                      rope_grid=(grid, grid) if rope else None) for _ in range(depth)])
+        self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z, kernels) for z in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -169,9 +196,9 @@ class SiT(nn.Module):
         """
         h, c = self.embed(x, t, y, force_drop_ids)
         zs = []
-        for i, block in enumerate(self.blocks):
-            h = block(h, c)
-            if return_zs and i + 1 == self.encoder_depth:
+        keep = {self.encoder_depth} if return_zs and self.projectors else set()
+        for depth, h in self.run_blocks(h, c, self.depth, keep):
+            if depth in keep:
                 zs = [projector(h) for projector in self.projectors]
         out = self.unpatchify(self.final_layer(h, c))
         return (out, zs) if return_zs else out
@@ -190,9 +217,21 @@ class SiT(nn.Module):
         if bad:
             raise ValueError(f"hidden-state depths {bad} are outside 1..{self.depth} (the model depth)")
         h, c = self.embed(x, t, y, force_drop_ids)
-        found = {}
-        for i in range(max(depths)):
-            h = self.blocks[i](h, c)
-            if i + 1 in depths:
-                found[i + 1] = h
+        found = dict(self.run_blocks(h, c, max(depths), set(depths)))
         return [found[d] for d in depths]
+
+    def run_blocks(self, h, c, last: int, keep):
+        """Run blocks 1..last, yielding (depth, hidden state) at each depth in `keep` and at `last`.
+
+        Between other blocks the MLP residual is deferred into the next block's first LayerNorm
+        (one fused pass instead of two); at the yielded depths the hidden state is complete.
+        """
+        pending = None
+        for i in range(last):
+            depth = i + 1
+            if depth in keep or depth == last:
+                h = self.blocks[i](h, c, pending)
+                pending = None
+                yield depth, h
+            else:
+                h, pending = self.blocks[i](h, c, pending, defer=True)

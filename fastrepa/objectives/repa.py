@@ -124,13 +124,14 @@ def repa_loss(model, x, y, zs, *, time=None, noise=None, path_type: str = "linea
                          "projector output(s); pass one encoder's features per projector (model z_dims)")
     if not zs:
         return denoising, torch.zeros((), dtype=torch.float32, device=x.device)
+    kernels = getattr(unwrap(model), "kernels", "auto")
     per_encoder = []
     for k, (z, z_tilde) in enumerate(zip(zs, zs_tilde)):
         if z.dim() != 3 or z.shape != z_tilde.shape:
             raise ValueError(
                 f"encoder {k}: features zs[{k}] have shape {tuple(z.shape)} but projector {k} outputs "
                 f"{tuple(z_tilde.shape)}; [batch, tokens, dim] must match (token grid and z_dims)")
-        per_encoder.append(alignment_loss(z, z_tilde).float().mean())
+        per_encoder.append(alignment_loss(z, z_tilde, impl=kernels).float().mean())
     proj = torch.stack(per_encoder).mean()
     return denoising, proj
 
