@@ -1,0 +1,138 @@
+"""bench/run.py: the kernel suite in --quick mode on the CPU, the suite registry, bytes models, results files.
+
+The bench runs in a subprocess exactly as a user would run it (`python bench/run.py ...`), with CUDA
+hidden so the CPU path is what is checked, and without TRITON_INTERPRET (the bench never times the
+interpreter). Two ops keep the run short: every torch.compile row costs seconds on the CPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "bench" / "run.py"
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+import kernels_suite as ks  # noqa: E402
+
+QUICK_OPS = ["layernorm_modulate", "projector"]
+
+
+def _bench(*args, out):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, str(RUN), *args, "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _bench("--suite", "kernels", "--quick", "--ops", ",".join(QUICK_OPS), out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jsons, mds = sorted(out.glob("*.json")), sorted(out.glob("*.md"))
+    assert len(jsons) == 1 and len(mds) == 1, sorted(p.name for p in out.iterdir())
+    assert jsons[0].stem == mds[0].stem and jsons[0].stem.startswith("cpu-")
+    return proc, json.loads(jsons[0].read_text()), mds[0].read_text()
+
+
+def test_quick_kernel_suite_rows(quick_run):
+    _, doc, _ = quick_run
+    suite = doc["suites"]["kernels"]
+    shape, B = ks.QUICK_SHAPES[0], 2
+    assert suite["dtype"] == "fp32" and suite["quick"] is True
+    assert suite["reduced"] is True and "--quick" in suite["reduced_reason"]
+    rows = suite["rows"]
+    for op in QUICK_OPS:
+        for mode in ks.MODES:
+            case = {r["impl"]: r for r in rows if r["op"] == op and r["mode"] == mode}
+            assert set(case) == {"eager", "compile", "triton"}, (op, mode, sorted(case))
+            want_bytes = ks.OPS[op].bytes(shape, B, 4, mode)
+            for impl in ("eager", "compile"):
+                r = case[impl]
+                assert r["status"] == "ok", r
+                assert r["median_ms"] > 0 and r["repeats"] == 3
+                assert r["bytes"] == want_bytes
+                assert r["GB_per_s"] == pytest.approx(want_bytes / (r["median_ms"] * 1e-3) / 1e9)
+            assert case["compile"]["speedup_vs_eager"] == pytest.approx(
+                case["eager"]["median_ms"] / case["compile"]["median_ms"])
+            assert case["compile"]["max_abs_err_vs_eager"] < 1e-4
+            tri = case["triton"]
+            assert tri["status"] == "skipped" and tri["median_ms"] is None
+            assert "needs CUDA" in tri["reason"]
+    assert {r["op"] for r in rows} == set(QUICK_OPS)
+    proj = next(r for r in rows if r["op"] == "projector" and r["impl"] == "eager" and r["mode"] == "fwd")
+    assert proj["flops"] == ks.projector_flops(shape, B, "fwd") and proj["TFLOP_per_s"] > 0
+
+
+def test_quick_kernel_suite_environment_and_report(quick_run):
+    proc, doc, md = quick_run
+    suite = doc["suites"]["kernels"]
+    env = suite["env"]
+    for key in ("device_name", "cpu_model", "torch", "triton", "python", "cuda_build"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["torch"] and env["python"]
+    assert "bench/run.py" in suite["command"] and "--quick" in suite["command"]
+    assert suite["bandwidth"]["GB_per_s"] > 0 and suite["started"] and suite["finished"]
+    assert doc["date"] in suite["started"]
+    # the table, the reduced-shapes warning and the versions, printed and in the .md
+    for text in (proc.stdout, md):
+        assert "| op" in text and "| layernorm_modulate" in text and "needs CUDA" in text
+        assert "REDUCED SHAPES" in text and f"torch {env['torch']}" in text
+    assert "bandwidth probe" in md and "bytes models" in md
+
+
+def test_unbuilt_suite_is_a_clear_error(tmp_path):
+    proc = _bench("--suite", "train", out=tmp_path)
+    assert proc.returncode != 0
+    assert "'train' is not built yet" in proc.stderr and "kernels" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_layernorm_modulate_bytes_hand_count():
+    shape = ks.FULL_SHAPES[0]
+    assert (shape.name, shape.D, shape.T) == ("SiT-B/2", 768, 256)
+    B, e = 2, 2  # bf16
+    x = B * 256 * 768 * e  # one [B, T, D] tensor: 786,432 bytes
+    vec = B * 768 * e      # one [B, D] tensor: 3,072 bytes
+    fwd = x + 2 * vec + x                  # read x, shift, scale; write h
+    bwd = 2 * x + vec + x + 2 * vec        # read dh, x, scale; write dx, dshift, dscale
+    assert fwd == 1_579_008 and bwd == 2_368_512
+    assert ks.layernorm_modulate_bytes(shape, B, e, "fwd") == fwd
+    assert ks.layernorm_modulate_bytes(shape, B, e, "fwd+bwd") == fwd + bwd
+
+
+def test_missing_op_is_skipped_with_a_reason():
+    missing = ks.OpSpec("not_an_op", "fastrepa.kernels.not_a_module", ks.build_layernorm_modulate,
+                        ks.layernorm_modulate_bytes)
+    public, ref, reason = ks.load_op(missing)
+    assert public is None and ref is None and "not found" in reason
+    no_ref = ks.OpSpec("not_an_op", "fastrepa.kernels.adaln", ks.build_layernorm_modulate,
+                       ks.layernorm_modulate_bytes)
+    assert "no not_an_op_reference" in ks.load_op(no_ref)[2]
+    public, ref, reason = ks.load_op(ks.OPS["layernorm_modulate"])
+    assert reason is None and ref.__name__ == "layernorm_modulate_reference"
+
+
+def _result(tag):
+    env = {"device": "cpu", "device_name": "CPU: test", "cpu_model": "test", "cpu_threads": 1,
+           "torch": "x", "triton": None, "python": "3", "cuda_build": None, "git": None}
+    return {"command": f"python bench/run.py {tag}", "started": "s", "finished": "f", "env": env,
+            "table": {"headers": ["a"], "rows": [[tag]]}, "rows": [{"tag": tag}]}
+
+
+def test_results_merge_by_suite_and_never_overwrite(tmp_path):
+    env = _result("")["env"]
+    write = lambda suites: common.write_results(tmp_path, "cpu-test", "2026-01-01", "CPU: test", env, suites)  # noqa: E731
+    j1, m1 = write({"kernels": _result("k1")})
+    j2, _ = write({"train": _result("t1")})   # another suite: merged into the same file
+    assert j2 == j1 and set(json.loads(j1.read_text())["suites"]) == {"kernels", "train"}
+    j3, m3 = write({"kernels": _result("k2")})  # the same suite again: a new file, the first kept
+    assert j3.name == "cpu-test-2026-01-01-2.json" and m3.name == "cpu-test-2026-01-01-2.md"
+    first = json.loads(j1.read_text())["suites"]["kernels"]
+    assert first["rows"] == [{"tag": "k1"}] and "| k1" in m1.read_text()
+    assert json.loads(j3.read_text())["suites"]["kernels"]["rows"] == [{"tag": "k2"}]
