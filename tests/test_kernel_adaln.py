@@ -135,3 +135,26 @@ def test_impl_choice_and_errors():
         layernorm_modulate(x, shift, scale, impl="cuda")
     with pytest.raises(ValueError, match=r"\[B, D\]"):
         layernorm_modulate(x, shift[:, :8], scale, impl="triton")
+
+
+def test_autocast_dtype_mix():
+    """Under autocast the residual stream is fp32 while y and the modulation are bf16: the kernel keeps
+    the reference's dtypes (x', h in fp32; dy, dgate in bf16) and its accuracy."""
+    x, mod, y = _inputs(2, 5, 72)
+    args32 = [x, mod[:, :72], y, mod[:, 72:144], mod[:, 144:216]]
+    dts = [torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16]
+    runs = {}
+    for tag, fn, cast in (("kernel", lambda *a: gated_residual_layernorm_modulate(*a, impl="triton"), True),
+                          ("torch", gated_residual_layernorm_modulate_reference, True),
+                          ("oracle", gated_residual_layernorm_modulate_reference, False)):
+        leaves = [leaf(t.to(dt) if cast else t.to(dt).double(), t.to(dt).dtype if cast else torch.float64)
+                  for t, dt in zip(args32, dts)]
+        outs = fn(*leaves)
+        cot = [torch.ones_like(o) for o in outs]
+        runs[tag] = ([o.detach() for o in outs], grads(outs, leaves, cot))
+    for i in range(2):
+        assert runs["kernel"][0][i].dtype == runs["torch"][0][i].dtype == torch.float32
+        assert_within_rule(f"mixed out{i}", runs["kernel"][0][i], runs["torch"][0][i], runs["oracle"][0][i])
+    for j, (gk, gt, go) in enumerate(zip(*(runs[k][1] for k in ("kernel", "torch", "oracle")))):
+        assert gk.dtype == gt.dtype, f"grad {j}: {gk.dtype} != {gt.dtype}"
+        assert_within_rule(f"mixed grad{j}", gk, gt, go, atol=2e-2)
