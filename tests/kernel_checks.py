@@ -2,6 +2,11 @@
 
 |kernel - fp64 oracle| <= 2 * |torch at the same dtype - fp64 oracle| + atol, elementwise in the max
 norm: the kernel may be no worse than twice plain PyTorch in the same precision.
+
+Every tensor that reaches an `impl="triton"` call lives on DEVICE: the CPU while Triton interprets
+(tests/conftest.py sets TRITON_INTERPRET=1 when CUDA is absent), CUDA otherwise, so on a GPU machine
+the kernels run compiled. Inputs are drawn on the CPU (CPU generators) and then moved, so the values
+are the same on both devices; the fp64 oracle runs on DEVICE too.
 """
 import os
 
@@ -18,6 +23,10 @@ INTERPRETED_BF16_ULP = 2.0 ** -7
 
 def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Read at import, after tests/conftest.py has set TRITON_INTERPRET (conftest is imported first).
+DEVICE = torch.device("cpu") if interpreting() or not torch.cuda.is_available() else torch.device("cuda")
 
 
 def max_err(a, b):
@@ -46,9 +55,11 @@ def grads(outputs, inputs, cotangents):
 
 
 def leaf(t, dtype, requires_grad=True):
-    return t.detach().to(dtype).requires_grad_(requires_grad)
+    """A fresh leaf with t's values, on DEVICE, in `dtype`."""
+    return t.detach().to(device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
 
 def non_contiguous(t):
-    """The same values in a non-contiguous tensor (a transposed copy seen through a transpose)."""
-    return t.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(t.requires_grad)
+    """The same values in a non-contiguous tensor on DEVICE (a transposed copy seen through a transpose)."""
+    d = t.detach().to(DEVICE)
+    return d.transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(t.requires_grad)

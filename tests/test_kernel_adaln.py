@@ -1,4 +1,5 @@
-"""Triton adaLN kernels (interpreted on CPU) against the reference and an fp64 oracle, every gradient."""
+"""Triton adaLN kernels (on DEVICE: compiled on CUDA, interpreted on CPU) against the reference and an
+fp64 oracle, every gradient."""
 import pytest
 import torch
 
@@ -10,19 +11,20 @@ from fastrepa.kernels.adaln import (
     layernorm_modulate,
     layernorm_modulate_reference,
 )
-from kernel_checks import assert_within_rule, grads, leaf, non_contiguous
+from kernel_checks import DEVICE, assert_within_rule, grads, leaf, non_contiguous
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, T, D): odd T, D = 72*k and not a power of two, batch 1
 SHAPES = [(2, 7, 72), (1, 5, 144), (3, 3, 40)]
 
 
-def _inputs(B, T, D, seed=0):
+def _inputs(B, T, D, seed=0, device=DEVICE):
+    """Drawn on the CPU (same values everywhere), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, D, generator=g) * 2 + 0.5
     mod = torch.randn(B, 6 * D, generator=g) * 0.5  # the adaLN output, chunked in place like the model
     y = torch.randn(B, T, D, generator=g)
-    return x, mod, y
+    return x.to(device), mod.to(device), y.to(device)
 
 
 def _check_all(name, fn_kernel, fn_ref, inputs, dtype, n_out):
@@ -34,7 +36,8 @@ def _check_all(name, fn_kernel, fn_ref, inputs, dtype, n_out):
         outs = fn(*leaves)
         outs = outs if isinstance(outs, tuple) else (outs,)
         assert len(outs) == n_out
-        cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7 + i)).to(dt) for i, o in enumerate(outs)]
+        cot = [torch.randn(o.shape, generator=torch.Generator().manual_seed(7 + i)).to(DEVICE, dt)
+               for i, o in enumerate(outs)]
         results[tag] = ([o.detach() for o in outs], grads(outs, leaves, cot))
     for i in range(n_out):
         assert_within_rule(f"{name} out{i} {dtype}", results["kernel"][0][i], results["torch"][0][i], results["oracle"][0][i])
@@ -127,10 +130,12 @@ def test_compile_fullgraph_keeps_the_triton_op():
 
 
 def test_impl_choice_and_errors():
+    # auto on CPU tensors is the reference, bit for bit (on any machine)
+    x, mod, _ = _inputs(1, 3, 40, device="cpu")
+    shift, scale = mod[:, :40], mod[:, 40:80]
+    assert torch.equal(layernorm_modulate(x, shift, scale), layernorm_modulate_reference(x, shift, scale))
     x, mod, _ = _inputs(1, 3, 40)
     shift, scale = mod[:, :40], mod[:, 40:80]
-    # auto on CPU is the reference, bit for bit
-    assert torch.equal(layernorm_modulate(x, shift, scale), layernorm_modulate_reference(x, shift, scale))
     with pytest.raises(ValueError, match="kernels="):
         layernorm_modulate(x, shift, scale, impl="cuda")
     with pytest.raises(ValueError, match=r"\[B, D\]"):

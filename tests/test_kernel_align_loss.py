@@ -1,21 +1,23 @@
-"""The REPA alignment loss: Triton (CPU interpreter) vs the reference vs an fp64 oracle, every gradient."""
+"""The REPA alignment loss: Triton (on DEVICE: CUDA, or the CPU interpreter) vs the reference vs an fp64
+oracle, every gradient."""
 import pytest
 import torch
 
 from fastrepa.kernels.align_loss import alignment_loss, alignment_loss_reference
-from kernel_checks import assert_within_rule, grads, leaf, non_contiguous
+from kernel_checks import DEVICE, assert_within_rule, grads, leaf, non_contiguous
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, T, C): odd T, C not a power of two (one masked block), batch 1
 SHAPES = [(1, 7, 24), (2, 5, 40), (3, 3, 72)]
 
 
-def _bases(B, T, C, seed=0):
+def _bases(B, T, C, seed=0, device=DEVICE):
+    """fp64 (z, z_tilde) drawn on the CPU (the same everywhere), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, T, C, generator=g, dtype=torch.float64)
     # correlated with z (as a trained projector's output), at a different scale
     zt = 3.0 * (0.6 * z + 0.8 * torch.randn(B, T, C, generator=g, dtype=torch.float64))
-    return z, zt
+    return z.to(device), zt.to(device)
 
 
 def _triton(z, zt):
@@ -36,6 +38,7 @@ def _check(name, z, zt, dtypes, z_grad, noncontig=False):
     assert out_k.dtype == torch.float32 and out_k.shape == (z.shape[0],)
     assert_within_rule(f"{name} loss", out_k, out_r, out_o)
     cot = torch.randn(out_o.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    cot = cot.to(DEVICE)
     g_k = grads([out_k], k_in, [cot.float()])
     g_r = grads([out_r], r_in, [cot.float()])
     g_o = grads([out_o], o_in, [cot])
@@ -88,7 +91,7 @@ def test_alignment_loss_zero_and_tiny_norm_rows(dtype):
     r_in = [leaf(z, dtype), leaf(zt, dtype)]
     out_k, out_r = _triton(*k_in), alignment_loss_reference(*r_in)
     torch.testing.assert_close(out_k, out_r, rtol=1e-5, atol=1e-6)
-    cot = torch.tensor([0.5, -1.5])
+    cot = torch.tensor([0.5, -1.5], device=DEVICE)
     g_k, g_r = grads([out_k], k_in, [cot]), grads([out_r], r_in, [cot])
     for gk, gr in zip(g_k, g_r):
         assert torch.isfinite(gk).all()
@@ -102,15 +105,15 @@ def test_alignment_loss_zero_and_tiny_norm_rows(dtype):
 def test_alignment_loss_hand_values():
     """Identical -> -1, orthogonal -> 0, opposite -> +1, whatever the norms; gradients by hand."""
     z = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
-                      [[0.0, 2.0, 0.0], [3.0, 4.0, 0.0]]])
+                      [[0.0, 2.0, 0.0], [3.0, 4.0, 0.0]]], device=DEVICE)
     zt = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 2.0, 0.0]],
-                       [[0.0, -1.0, 0.0], [3.0, 4.0, 0.0]]], requires_grad=True)
+                       [[0.0, -1.0, 0.0], [3.0, 4.0, 0.0]]], device=DEVICE, requires_grad=True)
     loss = _triton(z, zt)
-    torch.testing.assert_close(loss, torch.tensor([(-1.0 + 0.0) / 2, (1.0 - 1.0) / 2]))
+    torch.testing.assert_close(loss, torch.tensor([(-1.0 + 0.0) / 2, (1.0 - 1.0) / 2], device=DEVICE))
     (g,) = torch.autograd.grad(loss.sum(), [zt])
     # d(-z^.zt^)/dzt = (c zt^ - z^) / ||zt||, then / T (T = 2)
     expected = torch.tensor([[[0.0, 0.0, 0.0], [-0.25, 0.0, 0.0]],
-                             [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+                             [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], device=DEVICE)
     torch.testing.assert_close(g, expected, rtol=0, atol=1e-7)
 
 
@@ -124,7 +127,7 @@ def test_alignment_loss_no_grad_and_leading_dims():
 
 
 def test_alignment_loss_dispatch():
-    z, zt = (t.float() for t in _bases(1, 3, 8))
+    z, zt = (t.float() for t in _bases(1, 3, 8, device="cpu"))  # CPU tensors on any machine
     assert torch.equal(alignment_loss(z, zt, impl="torch"), alignment_loss_reference(z, zt))
     assert torch.equal(alignment_loss(z, zt), alignment_loss_reference(z, zt))  # auto on CPU
     with pytest.raises(ValueError):
@@ -143,8 +146,8 @@ def test_alignment_loss_torch_compile_matches_eager(z_grad):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out_e, out_c = fn(*eager_in), compiled(*comp_in)
     torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-7)
-    g_e = grads([out_e], eager_in, [torch.ones(())])
-    g_c = grads([out_c], comp_in, [torch.ones(())])
+    g_e = grads([out_e], eager_in, [torch.ones((), device=DEVICE)])
+    g_c = grads([out_c], comp_in, [torch.ones((), device=DEVICE)])
     for ge, gc in zip(g_e, g_c):
         if ge is None:
             assert gc is None

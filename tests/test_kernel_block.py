@@ -1,6 +1,7 @@
-"""The fused ops inside the model: a SiT block and a whole tiny SiT with Triton kernels (interpreted on
-CPU) against the same weights on the PyTorch reference path, outputs and every parameter gradient;
-the cross-block deferred residual; torch.compile(fullgraph) of a block."""
+"""The fused ops inside the model: a SiT block and a whole tiny SiT with Triton kernels (on DEVICE:
+compiled on CUDA, interpreted on CPU) against the same weights on the PyTorch reference path, outputs
+and every parameter gradient; the cross-block deferred residual; torch.compile(fullgraph) of a block.
+Models are built and inputs drawn on the CPU (the same values everywhere), then moved to DEVICE."""
 import copy
 
 import pytest
@@ -9,11 +10,21 @@ import torch
 from conftest import TINY, tiny_model
 from fastrepa.models import build_model
 from fastrepa.objectives.repa import repa_loss
-from kernel_checks import assert_within_rule
+from kernel_checks import DEVICE, assert_within_rule
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 means fp32 on CUDA too: no TF32 in cuBLAS or cuDNN (the patch-embed conv allows it by
+    default), whatever another test left set; restored afterwards. No effect on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _with_kernels(model, kernels, dtype=torch.float32):
-    m = copy.deepcopy(model).to(dtype)
+    m = copy.deepcopy(model).to(device=DEVICE, dtype=dtype)
     for mod in m.modules():
         if hasattr(mod, "kernels"):
             mod.kernels = kernels
@@ -37,9 +48,9 @@ def test_block_triton_equals_torch(dtype, opts):
         for p in block.attn.parameters():
             p.add_(0.1 * torch.randn_like(p))
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 64, generator=g)
-    c = torch.randn(2, 64, generator=g)
-    cot = torch.randn(2, 16, 64, generator=g)
+    x = torch.randn(2, 16, 64, generator=g).to(DEVICE)
+    c = torch.randn(2, 64, generator=g).to(DEVICE)
+    cot = torch.randn(2, 16, 64, generator=g).to(DEVICE)
     runs = {}
     for tag, kernels, dt in (("kernel", "triton", dtype), ("torch", "torch", dtype), ("oracle", "torch", torch.float64)):
         b = _with_kernels(block, kernels, dt)
@@ -57,14 +68,15 @@ def test_whole_model_and_loss_triton_equals_torch():
     """Every block boundary (including the deferred residual), the projectors and the alignment loss."""
     model = tiny_model(qk_norm=True)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    y = torch.tensor([1, 7])
-    zs = [torch.randn(2, 16, 16, generator=g), torch.randn(2, 16, 24, generator=g)]
-    time, noise = torch.rand(2, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
+    y = torch.tensor([1, 7], device=DEVICE)
+    zs = [torch.randn(2, 16, 16, generator=g).to(DEVICE), torch.randn(2, 16, 24, generator=g).to(DEVICE)]
+    time, noise = torch.rand(2, generator=g).to(DEVICE), torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
     results = {}
     for kernels in ("triton", "torch"):
         m = _with_kernels(model, kernels).train()
-        den, proj = repa_loss(m, x, y, zs, time=time, noise=noise, force_drop_ids=torch.zeros(2, dtype=torch.long))
+        den, proj = repa_loss(m, x, y, zs, time=time, noise=noise,
+                              force_drop_ids=torch.zeros(2, dtype=torch.long, device=DEVICE))
         (den.mean() + 0.5 * proj).backward()
         results[kernels] = (den.detach(), proj.detach(), {n: p.grad for n, p in m.named_parameters()})
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
@@ -78,10 +90,12 @@ def test_whole_model_and_loss_triton_equals_torch():
 
 
 def test_deferred_residual_equals_plain_blocks():
-    """run_blocks (residuals deferred into the next block's norm) == blocks called one by one."""
-    model = tiny_model().eval()
+    """run_blocks (residuals deferred into the next block's norm) == blocks called one by one (on DEVICE,
+    so kernels='auto' runs the Triton kernels on CUDA and the reference on the CPU)."""
+    model = tiny_model().eval().to(DEVICE)
     g = torch.Generator().manual_seed(5)
-    x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([0, 3])
+    x, t = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE), torch.rand(2, generator=g).to(DEVICE)
+    y = torch.tensor([0, 3], device=DEVICE)
     h0, c = model.embed(x, t, y)
     plain, h = [], h0
     for block in model.blocks:
@@ -95,19 +109,21 @@ def test_deferred_residual_equals_plain_blocks():
 
 
 def test_compile_fullgraph_block_reference_path():
-    """Inductor, fullgraph, on this CPU through the reference path (kernels='torch' / 'auto')."""
-    block = tiny_model().blocks[0]
+    """Inductor, fullgraph, on the CPU through the reference path (kernels='auto' on CPU tensors), on any
+    machine: the block and its inputs stay on the CPU explicitly."""
+    block = tiny_model().blocks[0].to("cpu")
     g = torch.Generator().manual_seed(6)
-    x, c = torch.randn(2, 16, 64, generator=g), torch.randn(2, 64, generator=g)
+    x, c = torch.randn(2, 16, 64, generator=g, device="cpu"), torch.randn(2, 64, generator=g, device="cpu")
     compiled = torch.compile(block, fullgraph=True)
     torch.testing.assert_close(compiled(x, c), block(x, c), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_fullgraph_block_triton_ops_stay_in_graph():
-    """With kernels='triton' the custom ops trace into one graph (aot_eager runs them interpreted here)."""
+    """With kernels='triton' the custom ops trace into one graph (aot_eager runs them on DEVICE: compiled
+    on CUDA, interpreted on CPU)."""
     block = _with_kernels(tiny_model(qk_norm=True, rope=True).blocks[0], "triton")
     g = torch.Generator().manual_seed(7)
-    x, c = torch.randn(2, 16, 64, generator=g), torch.randn(2, 64, generator=g)
+    x, c = torch.randn(2, 16, 64, generator=g).to(DEVICE), torch.randn(2, 64, generator=g).to(DEVICE)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     out_e, out_c = block(xe, c, None, True), compiled(xc, c, None, True)

@@ -1,9 +1,10 @@
-"""The fused bias+SiLU epilogue and the projector: Triton (CPU interpreter) vs the reference vs fp64."""
+"""The fused bias+SiLU epilogue and the projector: Triton (on DEVICE: CUDA, or the CPU interpreter) vs
+the reference vs fp64."""
 import pytest
 import torch
 
 from fastrepa.kernels.projector import bias_silu, bias_silu_reference, projector, projector_reference
-from kernel_checks import assert_within_rule, grads, leaf, non_contiguous
+from kernel_checks import DEVICE, assert_within_rule, grads, leaf, non_contiguous
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -25,6 +26,7 @@ def _check(name, kernel_fn, ref_fn, bases, dtypes, requires_grad, noncontig=Fals
     assert out_k.dtype == out_r.dtype
     assert_within_rule(f"{name} out", out_k, out_r, out_o)
     cot = torch.randn(out_o.shape, generator=torch.Generator().manual_seed(cot_seed), dtype=torch.float64)
+    cot = cot.to(DEVICE)
     g_k = grads([out_k], k_in, [cot.to(out_k.dtype)])
     g_r = grads([out_r], r_in, [cot.to(out_r.dtype)])
     g_o = grads([out_o], o_in, [cot])
@@ -36,9 +38,10 @@ def _check(name, kernel_fn, ref_fn, bases, dtypes, requires_grad, noncontig=Fals
         assert_within_rule(f"{name} grad {i}", gk, gr, go)
 
 
-def _bases(*shapes, seed=0, scale=1.0):
+def _bases(*shapes, seed=0, scale=1.0, device=DEVICE):
+    """fp64 values drawn on the CPU (the same everywhere), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64) * scale for s in shapes]
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(device) for s in shapes]
 
 
 # ---------------------------------------------------------------- bias_silu
@@ -82,7 +85,7 @@ def test_bias_silu_many_rows_and_expanded_grad():
 
 
 def test_bias_silu_dispatch():
-    a, b = _bases((2, 8), (8,))
+    a, b = _bases((2, 8), (8,), device="cpu")  # CPU tensors on any machine
     a, b = a.float(), b.float()
     assert torch.equal(bias_silu(a, b, impl="torch"), bias_silu_reference(a, b))
     assert torch.equal(bias_silu(a, b), bias_silu_reference(a, b))  # auto on CPU: the reference
@@ -133,6 +136,6 @@ def test_projector_torch_compile_matches_eager():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out_e, out_c = fn(*eager_in), compiled(*comp_in)
     torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-6)
-    cot = torch.randn_like(out_e)
+    cot = torch.randn(out_e.shape).to(DEVICE)
     for ge, gc in zip(grads([out_e], eager_in, [cot]), grads([out_c], comp_in, [cot])):
         torch.testing.assert_close(gc, ge, rtol=1e-6, atol=1e-6)

@@ -1,14 +1,14 @@
 """kernels/qk_norm_rope.py: the Triton path against the reference and an fp64 oracle (DESIGN.md rule).
 
-Runs in the Triton CPU interpreter here (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay
-tiny: a few programs per launch.
+Runs on kernel_checks.DEVICE: compiled on CUDA, or in the Triton CPU interpreter when there is no GPU
+(tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay tiny: a few programs per launch.
 """
 import math
 
 import pytest
 import torch
 
-from kernel_checks import assert_within_rule, grads, leaf, non_contiguous
+from kernel_checks import DEVICE, assert_within_rule, grads, leaf, non_contiguous
 from fastrepa.kernels.qk_norm_rope import NORMS, qk_norm_rope, qk_norm_rope_reference, rope_angles
 
 # (B, H, head_dim, rope grid): odd T with a non-square grid, hd 72 (not a power of two), small hd with
@@ -17,8 +17,9 @@ SHAPES = [(2, 2, 72, (3, 5)), (1, 3, 8, (5, 3)), (2, 3, 16, (1, 7)), (1, 1, 256,
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def make_inputs(B, H, hd, T, norm, seed=0):
-    """fp64 qkv (with an offset, so LayerNorm's mean matters), parameters for `norm`, cotangents."""
+def make_inputs(B, H, hd, T, norm, seed=0, device=DEVICE):
+    """fp64 qkv (with an offset, so LayerNorm's mean matters), parameters for `norm`, cotangents; drawn
+    on the CPU (same values everywhere), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(B, T, 3 * H * hd, generator=g, dtype=torch.float64) * 1.5 + 0.3
     params = [None] * 4  # q_weight, q_bias, k_weight, k_bias
@@ -29,7 +30,8 @@ def make_inputs(B, H, hd, T, norm, seed=0):
             params[1] = 0.2 * torch.randn(hd, generator=g, dtype=torch.float64)
             params[3] = 0.2 * torch.randn(hd, generator=g, dtype=torch.float64)
     cots = [torch.randn(B, H, T, hd, generator=g, dtype=torch.float64) for _ in range(3)]
-    return qkv, params, cots
+    params = [None if p is None else p.to(device) for p in params]
+    return qkv.to(device), params, [c.to(device) for c in cots]
 
 
 def run(fn, qkv, params, cots, H, loss=None, **kw):
@@ -121,7 +123,7 @@ def test_unused_and_expanded_grads(norm):
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_rope_identity_at_origin_and_norm_preserving(impl):
     B, H, hd, (gh, gw) = 2, 2, 16, (3, 5)
-    qkv = torch.randn(B, gh * gw, 3 * H * hd)
+    qkv = torch.randn(B, gh * gw, 3 * H * hd).to(DEVICE)
     q, k, v = qk_norm_rope(qkv, H, rope_grid=(gh, gw), impl=impl)
     q0, k0, v0 = qkv.view(B, gh * gw, 3, H, hd).permute(2, 0, 3, 1, 4)
     assert torch.equal(q[:, :, 0], q0[:, :, 0]) and torch.equal(k[:, :, 0], k0[:, :, 0])
@@ -152,28 +154,29 @@ def test_rotation_convention_by_hand(impl, hd):
                 expected[t, i0] = x0 * math.cos(a) - x1 * math.sin(a)
                 expected[t, i1] = x1 * math.cos(a) + x0 * math.sin(a)
     dtype = torch.float32 if impl == "triton" else torch.float64
-    q, k, _ = qk_norm_rope(x.to(dtype), 1, rope_grid=(gh, gw), rope_base=base, impl=impl)
+    q, k, _ = qk_norm_rope(x.to(DEVICE, dtype), 1, rope_grid=(gh, gw), rope_base=base, impl=impl)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(q[0, 0].double(), expected, **tol)
-    cos, sin = rope_angles(gh, gw, hd, base, "cpu")
-    assert cos.shape == (T, hd) and cos.dtype == torch.float32 and torch.equal(cos[0], torch.ones(hd))
+    torch.testing.assert_close(q[0, 0].double(), expected.to(DEVICE), **tol)
+    cos, sin = rope_angles(gh, gw, hd, base, DEVICE)
+    assert cos.shape == (T, hd) and cos.dtype == torch.float32
+    assert cos.device.type == DEVICE.type and torch.equal(cos[0], torch.ones(hd, device=DEVICE))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_argument_errors(impl):
-    x = torch.randn(1, 15, 3 * 2 * 8)
+    x = torch.randn(1, 15, 3 * 2 * 8).to(DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
-        qk_norm_rope(torch.randn(1, 15, 3 * 6), 1, rope_grid=(3, 5), impl=impl)
+        qk_norm_rope(torch.randn(1, 15, 3 * 6).to(DEVICE), 1, rope_grid=(3, 5), impl=impl)
     with pytest.raises(ValueError, match="rope_grid"):
         qk_norm_rope(x, 2, rope_grid=(4, 4), impl=impl)
     with pytest.raises(ValueError, match="norm"):
         qk_norm_rope(x, 2, norm="batchnorm", impl=impl)
     with pytest.raises(ValueError, match="num_heads"):
-        qk_norm_rope(torch.randn(1, 15, 3 * 2 * 8 + 1), 2, impl=impl)
+        qk_norm_rope(torch.randn(1, 15, 3 * 2 * 8 + 1).to(DEVICE), 2, impl=impl)
 
 
 def test_auto_is_reference_on_cpu():
-    qkv, params, _ = make_inputs(1, 2, 8, 6, "layernorm")
+    qkv, params, _ = make_inputs(1, 2, 8, 6, "layernorm", device="cpu")  # CPU tensors on any machine
     ps = [p.float() for p in params]
     a = qk_norm_rope(qkv.float(), 2, *ps, norm="layernorm", rope_grid=(2, 3))
     b = qk_norm_rope_reference(qkv.float(), 2, *ps, norm="layernorm", rope_grid=(2, 3))
