@@ -82,7 +82,7 @@ def test_step_sampler_ranks_partition_the_global_batch():
         StepSampler(40, 9, seed=1, world_size=2)
 
 
-def test_patch_pixel_encoder_tokens():
+def test_patch_pixel_encoder_tokens(tmp_path, monkeypatch):
     enc = load_encoder("patch-pixels", resolution=8, grid=2)
     img = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8).to(torch.uint8)
     z = enc(img)
@@ -90,7 +90,9 @@ def test_patch_pixel_encoder_tokens():
     x = img.float() / 127.5 - 1
     tok1 = x[0, :, 0:4, 4:8].reshape(-1)  # row 0, column 1
     torch.testing.assert_close(z[0, 1], tok1 - tok1.mean())
-    with pytest.raises(NotImplementedError, match="dinov2-vit-b"):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # no cached weights to find
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dinov2-vit-b"):
         load_encoder("dinov2-vit-b")
     with pytest.raises(ValueError, match="unknown encoder 'dino'"):
         load_encoder("dino")

@@ -1,21 +1,83 @@
 """Representation encoders: frozen modules that map raw uint8 images [B, 3, H, W] to patch tokens [B, T, C].
 
-`load_encoder(enc_type, path=None, resolution=256)` is the entry point. Today it knows the embedded
-`patch-pixels` encoder (used by the demo and the tests: no weights, no downloads). The pretrained
-REPA encoders (dinov2-vit-*, dinov1, mocov3, clip, mae, jepa) need their official weight files and
-join with the data issue; asking for one now is an error that says so.
+`load_encoder(enc_type, path=None, resolution=256, grid=None)` is the entry point and
+`load_encoders("dinov2-vit-b,mocov3-vit-b", ...)` the comma-separated form the trainer's --enc-type
+takes. Besides the embedded `patch-pixels` stand-in (no weights), the pretrained REPA encoders are
+built from their *official* weight files, read from local disk only (nothing is downloaded):
+
+| enc_type                | file looked for (when `path` is None)                                  | format       |
+|-------------------------|-------------------------------------------------------------------------|--------------|
+| dinov2-vit-{s,b,l,g}    | torch.hub.get_dir()/checkpoints/dinov2_vit{x}14_pretrain.pth, ckpts/... | hub state dict |
+| dinov2-vit-{s,b,l,g}-reg| .../dinov2_vit{x}14_reg4_pretrain.pth                                   | hub state dict |
+| mocov3-vit-{s,b,l}      | ckpts/mocov3_vit{x}.pth                                                 | ['state_dict'], module.base_encoder.* |
+| mae-vit-l               | ckpts/mae_vitl.pth                                                      | ['model']    |
+
+What each computes is what official REPA (sihyun-yu/REPA train.py `preprocess_raw_image` and
+utils.py `load_encoders`) feeds the alignment loss:
+- preprocessing: x / 255, ImageNet mean/std; dinov2 then resizes bicubically (F.interpolate, no
+  antialias, align_corners False) to 224 * (resolution // 256); mocov3/mae run at the raw 256px.
+- positional embedding: REPA resamples the checkpoint's pos-embed ONCE with timm's
+  `resample_abs_pos_embed(pos_embed, [g, g])` (class-token row kept, bicubic, antialias=True,
+  size-based) to the grid it runs at (16x16 at 256px, 32x32 at 512px), so DINOv2's own
+  `interpolate_pos_encoding` (scale factor with the +0.1 offset, antialias False) never changes it:
+  the sizes already match. We do the same (it matters: 37 -> 16 with antialias differs from without).
+- tokens: dinov2 `x_norm_patchtokens` (final norm, class and register tokens dropped); mocov3
+  `forward_features(x)[:, 1:]` (final norm, class dropped); mae: REPA's MAE `forward_features` skips
+  the final norm and returns `x[:, 1:]`.
+Not built yet (NotImplementedError): dinov1 (REPA imports a `models/dinov1.py` that is not in its
+repository), clip-vit-L, jepa-vit-h.
+
+Every encoder is frozen: eval mode that `train()` cannot undo, requires_grad False, no_grad forward.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PRETRAINED = ("dinov2-vit-s", "dinov2-vit-b", "dinov2-vit-l", "dinov2-vit-g", "dinov2-vit-s-reg",
-              "dinov2-vit-b-reg", "dinov2-vit-l-reg", "dinov2-vit-g-reg", "dinov1-vit-b", "mocov3-vit-s",
-              "mocov3-vit-b", "mocov3-vit-l", "clip-vit-L", "mae-vit-l", "jepa-vit-h")
+from .vit import ViT
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# name -> architecture (official widths); dinov2 hub: patch 14, layer-scale, pos-embed 37x37 (518px)
+_DINOV2 = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 16, "mlp"),
+           "g": (1536, 40, 24, "swiglu")}
+_MOCOV3 = {"s": (384, 12, 12), "b": (768, 12, 12), "l": (1024, 24, 16)}
+_MAE = {"l": (1024, 24, 16)}
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{x}14/{file}"
+MOCOV3_URL = {"s": "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
+              "b": "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"}
+MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"
+
+SUPPORTED = tuple([f"dinov2-vit-{x}" for x in _DINOV2] + [f"dinov2-vit-{x}-reg" for x in _DINOV2]
+                  + [f"mocov3-vit-{x}" for x in _MOCOV3] + [f"mae-vit-{x}" for x in _MAE])
+NOT_YET = ("dinov1-vit-b", "clip-vit-L", "jepa-vit-h")
+PRETRAINED = SUPPORTED + NOT_YET
 EMBEDDED = ("patch-pixels",)
 
 
-class PatchPixelEncoder(nn.Module):
+class EncoderWeightsError(ValueError):
+    """A weight file whose keys or shapes are not those of the official checkpoint."""
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class FrozenEncoder(nn.Module):
+    """Base: eval mode for good (`train()` keeps eval), no gradients."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class PatchPixelEncoder(FrozenEncoder):
     """Parameter-free encoder: each token is the mean-centred pixels of one patch of the clean image.
 
     The image is scaled to [-1, 1] and cut into a grid x grid array of patches (row-major, the model's
@@ -30,8 +92,10 @@ class PatchPixelEncoder(nn.Module):
             raise ValueError(f"patch-pixels encoder: resolution {resolution} is not divisible by the token grid {grid}")
         self.patch = resolution // grid
         self.grid = grid
+        self.num_tokens = grid * grid
         self.resolution = resolution
         self.embed_dim = 3 * self.patch * self.patch
+        self.enc_type = "patch-pixels"
 
     @torch.no_grad()
     def forward(self, images):
@@ -43,16 +107,209 @@ class PatchPixelEncoder(nn.Module):
         return tokens - tokens.mean(dim=-1, keepdim=True)
 
 
+class PretrainedEncoder(FrozenEncoder):
+    """REPA's preprocessing + a ViT: uint8 [B, 3, R, R] -> tokens [B, grid*grid, embed_dim] (fp32
+    unless run under autocast, as REPA runs it).
+
+    resize: None (use the raw image, mocov3/mae) or the side to resize to bicubically; resize_first:
+    resize before normalising (clip) instead of after (dinov2). Float inputs are taken as 0..255.
+    """
+
+    def __init__(self, enc_type, vit: ViT, resolution, mean, std, resize=None, resize_first=False):
+        super().__init__()
+        self.enc_type, self.vit, self.resolution = enc_type, vit, resolution
+        self.resize, self.resize_first = resize, resize_first
+        self.embed_dim, self.grid = vit.embed_dim, vit.grid
+        self.num_tokens = vit.grid * vit.grid
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encoder {self.enc_type}: expected images [B, 3, H, W], got {tuple(images.shape)}")
+        if tuple(images.shape[-2:]) != (self.resolution, self.resolution):
+            raise ValueError(f"encoder {self.enc_type} was loaded for {self.resolution}px images, "
+                             f"got {tuple(images.shape[-2:])}")
+        x = images.float() / 255.0
+        if self.resize and self.resize_first:
+            x = F.interpolate(x, size=self.resize, mode="bicubic")
+        x = (x - self.mean) / self.std
+        if self.resize and not self.resize_first:
+            x = F.interpolate(x, size=self.resize, mode="bicubic")
+        return x
+
+    @torch.no_grad()
+    def forward(self, images):
+        return self.vit(self.preprocess(images))
+
+
+def check_grid(encoder: nn.Module, num_tokens: int) -> None:
+    """Raise when the encoder's token count differs from the model's (REPA aligns token by token)."""
+    got = getattr(encoder, "num_tokens", None)
+    if got != num_tokens:
+        name = getattr(encoder, "enc_type", type(encoder).__name__)
+        g = getattr(encoder, "grid", "?")
+        raise ValueError(f"encoder {name} gives {got} tokens (a {g}x{g} grid) but the model has {num_tokens} "
+                         f"tokens; REPA aligns them one to one: pick a model patch size / resolution whose "
+                         f"token grid is {g}x{g}, or another encoder")
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
+    """REPA's pos-embed resampling: timm.layers.resample_abs_pos_embed(pos_embed, [grid, grid]), i.e.
+    prefix rows kept, the square patch part bicubic-resized by size with antialias=True, in fp32.
+    The same code without the timm import."""
+    n = pos_embed.shape[1] - num_prefix
+    old = int(round(n ** 0.5))
+    if old * old != n:
+        raise EncoderWeightsError(f"pos_embed with {n} patch rows is not a square grid")
+    if old == grid:
+        return pos_embed
+    prefix, pe = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    dim = pe.shape[-1]
+    pe = pe.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    pe = F.interpolate(pe, size=(grid, grid), mode="bicubic", antialias=True)
+    pe = pe.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, pe], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def _candidates(enc_type, path):
+    """(files to try in order, where to get the file) for an encoder name."""
+    if path is not None:
+        return [os.fspath(path)], _source(enc_type)
+    kind, _, size = enc_type.split("-")[:3]
+    if kind == "dinov2":
+        fname = f"dinov2_vit{size}14{'_reg4' if enc_type.endswith('-reg') else ''}_pretrain.pth"
+        return [os.path.join(torch.hub.get_dir(), "checkpoints", fname), os.path.join("ckpts", fname)], _source(enc_type)
+    fname = {"mocov3": f"mocov3_vit{size}.pth", "mae": f"mae_vit{size}.pth"}[kind]
+    return [os.path.join("ckpts", fname)], _source(enc_type)
+
+
+def _source(enc_type):
+    kind, _, size = enc_type.split("-")[:3]
+    if kind == "dinov2":
+        fname = f"dinov2_vit{size}14{'_reg4' if enc_type.endswith('-reg') else ''}_pretrain.pth"
+        return (DINOV2_URL.format(x=size, file=fname)
+                + f" (torch.hub.load('facebookresearch/dinov2', 'dinov2_vit{size}14{'_reg' if enc_type.endswith('-reg') else ''}') "
+                  f"saves it under {os.path.join(torch.hub.get_dir(), 'checkpoints')})")
+    if kind == "mocov3":
+        url = MOCOV3_URL.get(size, "no official MoCo v3 release for this size")
+        return f"{url}, saved as ckpts/mocov3_vit{size}.pth (the name REPA uses)"
+    return f"{MAE_URL}, saved as ckpts/mae_vit{size}.pth (the name REPA uses)"
+
+
+def _read(enc_type, path):
+    files, source = _candidates(enc_type, path)
+    for f in files:
+        if os.path.isfile(f):
+            try:
+                return torch.load(f, map_location="cpu", weights_only=True), f
+            except Exception as e:  # truncated file, or pickled objects beyond tensors / containers
+                raise EncoderWeightsError(f"encoder {enc_type}: could not read weight file {f}: {e}") from e
+    raise FileNotFoundError(f"encoder {enc_type}: weight file not found; looked at: {', '.join(map(os.path.abspath, files))}. "
+                            f"Get it from {source}, or pass its path.")
+
+
+def _mocov3_keys(sd):
+    """REPA's fix_mocov3_state_dict: keep module.base_encoder.* without its prefix, drop the head and
+    fc, rename blocks.13.norm13/fc13 and blocks.14.norm14/fc14 (a naming bug in some checkpoints)."""
+    out = {}
+    for k, v in sd.items():
+        if not k.startswith("module.base_encoder."):
+            continue
+        nk = k[len("module.base_encoder."):]
+        nk = (nk.replace("blocks.13.norm13", "blocks.13.norm1").replace("blocks.13.mlp.fc13", "blocks.13.mlp.fc1")
+              .replace("blocks.14.norm14", "blocks.14.norm2").replace("blocks.14.mlp.fc14", "blocks.14.mlp.fc2"))
+        if "head" not in nk and nk.split(".")[0] != "fc":
+            out[nk] = v
+    return out
+
+
+def _load_strict(enc_type, vit: ViT, sd, where):
+    sd = dict(sd)
+    if "pos_embed" in sd and torch.is_tensor(sd["pos_embed"]) and sd["pos_embed"].ndim == 3:
+        sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], vit.grid)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def head(xs):
+            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20} more)" if len(xs) > 20 else "") if xs else "none"
+        raise EncoderWeightsError(
+            f"encoder {enc_type}: {where} does not hold the official {enc_type} weights; missing keys: {head(missing)}; "
+            f"unexpected keys: {head(unexpected)}; shape mismatches: {head(shapes)}")
+    vit.load_state_dict(sd, strict=True)
+
+
+def _build(enc_type, path, resolution):
+    kind, _, size = enc_type.split("-")[:3]
+    raw, where = _read(enc_type, path)
+    if kind == "dinov2":
+        dim, depth, heads, ffn = _DINOV2[size]
+        side = 224 * (resolution // 256)
+        if side == 0:
+            raise ValueError(f"encoder {enc_type}: resolution {resolution} is below 256 (REPA resizes to 224*(res//256))")
+        # vit-g: SwiGLUFFNFused hidden = (int(4*dim*2/3) + 7) // 8 * 8 = 4096
+        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if ffn == "swiglu" else 4 * dim
+        vit = ViT(patch=14, dim=dim, depth=depth, heads=heads, grid=side // 14, hidden=hidden, ffn=ffn,
+                  layerscale=True, num_registers=4 if enc_type.endswith("-reg") else 0, mask_token=True)
+        sd = raw
+        resize = side
+    elif kind in ("mocov3", "mae"):
+        if resolution % 16:
+            raise ValueError(f"encoder {enc_type}: resolution {resolution} is not a multiple of its 16px patches")
+        if kind == "mocov3":
+            dim, depth, heads = _MOCOV3[size]
+            sd = _mocov3_keys(raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw)
+        else:
+            dim, depth, heads = _MAE[size]
+            sd = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
+        vit = ViT(patch=16, dim=dim, depth=depth, heads=heads, grid=resolution // 16, final_norm=(kind == "mocov3"))
+        resize = None
+    else:  # pragma: no cover - guarded by SUPPORTED
+        raise AssertionError(enc_type)
+    if not isinstance(sd, dict):
+        raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
+    _load_strict(enc_type, vit, sd, where)
+    return PretrainedEncoder(enc_type, vit, resolution, IMAGENET_MEAN, IMAGENET_STD, resize=resize)
+
+
 def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | None = None) -> nn.Module:
-    """A frozen encoder in eval mode; `grid` is the model's token grid (default resolution // 16)."""
-    grid = grid if grid is not None else resolution // 16
+    """A frozen eval-mode encoder: uint8 images [B, 3, resolution, resolution] -> tokens [B, T, C].
+
+    path: the weight file (default: the places listed in this module's docstring). grid: the model's
+    token grid; a pretrained encoder whose grid differs is an error (see `check_grid`); for
+    patch-pixels it sets the patch size (default resolution // 16).
+    """
+    enc_type = enc_type.strip()
     if enc_type == "patch-pixels":
-        enc = PatchPixelEncoder(resolution, grid)
-    elif enc_type in PRETRAINED:
+        enc = PatchPixelEncoder(resolution, grid if grid is not None else resolution // 16)
+    elif enc_type in SUPPORTED:
+        enc = _build(enc_type, path, resolution)
+        if grid is not None:
+            check_grid(enc, grid * grid)
+    elif enc_type in NOT_YET:
         raise NotImplementedError(
-            f"encoder {enc_type!r} needs its pretrained weights and is not built into this version yet; "
-            f"available now: {', '.join(EMBEDDED)} (or --enc-type none)")
+            f"encoder {enc_type!r} is a REPA encoder that fastrepa does not build yet; "
+            f"available now: {', '.join(EMBEDDED + SUPPORTED)} (or --enc-type none)")
     else:
         raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + PRETRAINED)}")
-    enc.eval().requires_grad_(False)
-    return enc
+    return _frozen(enc)
+
+
+def load_encoders(enc_types: str, paths=None, resolution: int = 256, grid: int | None = None) -> list[nn.Module]:
+    """`load_encoder` for each name of a comma-separated list ('dinov2-vit-b,mocov3-vit-b');
+    paths: None, or a list/comma-separated string of files in the same order (None / '' = default)."""
+    names = [n.strip() for n in enc_types.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no encoder names in {enc_types!r}")
+    if paths is None:
+        paths = [None] * len(names)
+    elif isinstance(paths, str):
+        paths = [p.strip() or None for p in paths.split(",")]
+    if len(paths) != len(names):
+        raise ValueError(f"{len(names)} encoder names ({', '.join(names)}) but {len(paths)} weight paths")
+    return [load_encoder(n, path=p, resolution=resolution, grid=grid) for n, p in zip(names, paths)]

@@ -1,0 +1,271 @@
+"""Pretrained REPA encoders from official-format weight files (random weights, written here).
+
+Each test writes a state dict with the key names and shapes of the official checkpoint (DINOv2 torch
+hub file, MoCo v3 .pth.tar, MAE pretrain file), loads it through `load_encoder`, and compares the
+tokens with an independent forward written below from that state dict, with REPA's preprocessing
+(train.py preprocess_raw_image) and REPA's pos-embed resampling (timm.resample_abs_pos_embed).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastrepa.encoders as E
+from fastrepa.encoders import check_grid, load_encoder, load_encoders
+
+timm_pos = pytest.importorskip("timm.layers.pos_embed")
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+# ------------------------------------------------------------------ official-format random weights
+
+def vit_keys(dim, depth, hidden, *, layerscale, swiglu=False):
+    g = torch.Generator().manual_seed(dim * 31 + depth)
+
+    def r(*shape, s=0.02):
+        return torch.randn(*shape, generator=g) * s
+
+    sd = {"patch_embed.proj.bias": r(dim), "norm.weight": 1 + r(dim, s=0.1), "norm.bias": r(dim)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd |= {b + "norm1.weight": 1 + r(dim, s=0.1), b + "norm1.bias": r(dim),
+               b + "attn.qkv.weight": r(3 * dim, dim, s=dim ** -0.5), b + "attn.qkv.bias": r(3 * dim),
+               b + "attn.proj.weight": r(dim, dim, s=dim ** -0.5), b + "attn.proj.bias": r(dim),
+               b + "norm2.weight": 1 + r(dim, s=0.1), b + "norm2.bias": r(dim)}
+        if swiglu:
+            sd |= {b + "mlp.w12.weight": r(2 * hidden, dim, s=dim ** -0.5), b + "mlp.w12.bias": r(2 * hidden),
+                   b + "mlp.w3.weight": r(dim, hidden, s=hidden ** -0.5), b + "mlp.w3.bias": r(dim)}
+        else:
+            sd |= {b + "mlp.fc1.weight": r(hidden, dim, s=dim ** -0.5), b + "mlp.fc1.bias": r(hidden),
+                   b + "mlp.fc2.weight": r(dim, hidden, s=hidden ** -0.5), b + "mlp.fc2.bias": r(dim)}
+        if layerscale:
+            sd |= {b + "ls1.gamma": 0.5 + r(dim, s=0.1), b + "ls2.gamma": 0.5 + r(dim, s=0.1)}
+    return sd, r
+
+
+def dinov2_hub_sd(dim=384, depth=12, reg=False):
+    """The key set of dinov2_vit{s}14[_reg4]_pretrain.pth: pos-embed for the 518px (37x37) grid."""
+    sd, r = vit_keys(dim, depth, 4 * dim, layerscale=True)
+    sd |= {"cls_token": r(1, 1, dim, s=1.0), "pos_embed": r(1, 1 + 37 * 37, dim, s=1.0),
+           "mask_token": r(1, dim), "patch_embed.proj.weight": r(dim, 3, 14, 14, s=0.05)}
+    if reg:
+        sd["register_tokens"] = r(1, 4, dim, s=1.0)
+    return sd
+
+
+# ------------------------------------------------------------------ the independent forward
+
+def ref_vit(sd, x, heads, patch, registers=0, final_norm=True):
+    grid = x.shape[-1] // patch
+    w = {k: v.double() for k, v in sd.items()}
+    x = F.conv2d(x.double(), w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    B, _, C = x.shape
+    pos = timm_pos.resample_abs_pos_embed(sd["pos_embed"].float(), [grid, grid]).double()  # what REPA does
+    x = torch.cat([w["cls_token"].expand(B, -1, -1), x], 1) + pos
+    if registers:
+        x = torch.cat([x[:, :1], w["register_tokens"].expand(B, -1, -1), x[:, 1:]], 1)
+    ln = lambda t, n: F.layer_norm(t, (C,), w[n + ".weight"], w[n + ".bias"], eps=1e-6)  # noqa: E731
+    i = 0
+    while f"blocks.{i}.norm1.weight" in w:
+        b = f"blocks.{i}."
+        h = ln(x, b + "norm1") @ w[b + "attn.qkv.weight"].T + w[b + "attn.qkv.bias"]
+        q, k, v = h.reshape(B, -1, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // heads), -1) @ v
+        a = a.transpose(1, 2).reshape(B, -1, C) @ w[b + "attn.proj.weight"].T + w[b + "attn.proj.bias"]
+        x = x + a * w.get(b + "ls1.gamma", 1.0)
+        h = ln(x, b + "norm2") @ w[b + "mlp.fc1.weight"].T + w[b + "mlp.fc1.bias"]
+        h = F.gelu(h) @ w[b + "mlp.fc2.weight"].T + w[b + "mlp.fc2.bias"]
+        x = x + h * w.get(b + "ls2.gamma", 1.0)
+        i += 1
+    if final_norm:
+        x = ln(x, "norm")
+    return x[:, 1 + registers:].float()
+
+
+def images(b=2, res=256, seed=0):
+    return torch.randint(0, 256, (b, 3, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_frozen(enc):
+    assert not enc.training and all(not m.training for m in enc.modules())
+    enc.train()
+    assert not enc.training and all(not m.training for m in enc.modules())
+    assert all(not p.requires_grad for p in enc.parameters())
+    out = enc(images(1, enc.resolution))
+    assert not out.requires_grad
+
+
+# ------------------------------------------------------------------ DINOv2
+
+@pytest.mark.parametrize("reg", [False, True])
+def test_dinov2_matches_reference(tmp_path, reg):
+    sd = dinov2_hub_sd(reg=reg)
+    f = tmp_path / "w.pth"
+    torch.save(sd, f)
+    name = "dinov2-vit-s-reg" if reg else "dinov2-vit-s"
+    enc = load_encoder(name, path=f, resolution=256)
+    # strict: every file tensor is a parameter, and only they
+    own = enc.vit.state_dict()
+    assert set(own) == set(sd)
+    assert own["pos_embed"].shape == (1, 1 + 16 * 16, 384)
+    img = images()
+    z = enc(img)
+    assert z.shape == (2, 256, 384) and z.dtype == torch.float32
+    # REPA preprocessing written here: /255, ImageNet norm, bicubic resize to 224
+    x = F.interpolate((img.float() / 255 - MEAN) / STD, 224, mode="bicubic")
+    torch.testing.assert_close(enc.preprocess(img), x)
+    torch.testing.assert_close(z, ref_vit(sd, x, heads=6, patch=14, registers=4 if reg else 0), atol=2e-4, rtol=2e-4)
+    assert_frozen(enc)
+
+
+def test_dinov2_512_grid_and_resampling_semantics(tmp_path, monkeypatch):
+    sd = dinov2_hub_sd(dim=64, depth=1)
+    f = tmp_path / "w.pth"
+    torch.save(sd, f)
+    monkeypatch.setitem(E._DINOV2, "s", (64, 1, 4, "mlp"))  # a tiny stand-in width: same code path
+    enc = load_encoder("dinov2-vit-s", path=f, resolution=512, grid=32)
+    assert enc.resize == 448 and enc.grid == 32 and enc.num_tokens == 1024
+    # REPA's timm resample (antialias=True, size-based), not DINOv2's scale-factor interpolation
+    want = timm_pos.resample_abs_pos_embed(sd["pos_embed"], [32, 32])
+    torch.testing.assert_close(enc.vit.pos_embed.data, want)
+    img = images(1, 512)
+    x = F.interpolate((img.float() / 255 - MEAN) / STD, 448, mode="bicubic")
+    torch.testing.assert_close(enc(img), ref_vit(sd, x, heads=4, patch=14), atol=2e-4, rtol=2e-4)
+
+
+def test_dinov2_hub_cache_lookup_and_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        load_encoder("dinov2-vit-s")
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth") in msg
+    assert os.path.join("ckpts", "dinov2_vits14_pretrain.pth") in msg
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in msg
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(dinov2_hub_sd(reg=True), tmp_path / "hub" / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth")
+    enc = load_encoder("dinov2-vit-s-reg")
+    assert enc.vit.num_registers == 4 and enc.embed_dim == 384
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_encoder("dinov2-vit-s", path=tmp_path / "nowhere.pth")
+
+
+def test_wrong_keys_are_listed(tmp_path):
+    sd = dinov2_hub_sd()
+    sd["blocks.0.attn.extra"] = sd.pop("blocks.0.ls1.gamma")
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(E.EncoderWeightsError, match=r"missing keys: blocks\.0\.ls1\.gamma.*unexpected keys: blocks\.0\.attn\.extra"):
+        load_encoder("dinov2-vit-s", path=tmp_path / "w.pth")
+    # a ViT-B file under the ViT-S name: shapes listed
+    torch.save(dinov2_hub_sd(reg=True), tmp_path / "r.pth")
+    with pytest.raises(E.EncoderWeightsError, match="unexpected keys: register_tokens"):
+        load_encoder("dinov2-vit-s", path=tmp_path / "r.pth")
+    sd = dinov2_hub_sd()
+    sd["norm.weight"] = torch.ones(385)
+    torch.save(sd, tmp_path / "s.pth")
+    with pytest.raises(E.EncoderWeightsError, match=r"norm.weight: file \(385,\) vs model \(384,\)"):
+        load_encoder("dinov2-vit-s", path=tmp_path / "s.pth")
+
+
+def test_dinov2_giant_swiglu_hidden_width():
+    # vit-g is not built here (1.1B params): check the key layout on the meta device
+    with torch.device("meta"):
+        vit = E.ViT(patch=14, dim=1536, depth=1, heads=24, grid=16, hidden=(int(6144 * 2 / 3) + 7) // 8 * 8,
+                    ffn="swiglu", layerscale=True, mask_token=True)
+    sd = vit.state_dict()
+    assert sd["blocks.0.mlp.w12.weight"].shape == (8192, 1536) and sd["blocks.0.mlp.w3.weight"].shape == (1536, 4096)
+
+
+def test_swiglu_block_matches_formula():
+    blk = E.vit.Block(32, 4, 48, ffn="swiglu", layerscale=True)
+    x = torch.randn(2, 5, 32)
+    h = blk.norm2(x)
+    x1, x2 = blk.mlp.w12(h).split(48, -1)
+    torch.testing.assert_close(blk.mlp(h), blk.mlp.w3(F.silu(x1) * x2))
+
+
+# ------------------------------------------------------------------ MoCo v3, MAE
+
+def mocov3_ckpt(dim=384, depth=12):
+    sd, r = vit_keys(dim, depth, 4 * dim, layerscale=False)
+    sd |= {"cls_token": r(1, 1, dim, s=1e-6), "pos_embed": r(1, 1 + 14 * 14, dim, s=1.0),  # 224px pretraining
+           "patch_embed.proj.weight": r(dim, 3, 16, 16, s=0.05)}
+    full = {f"module.base_encoder.{k}": v for k, v in sd.items()}
+    full |= {f"module.momentum_encoder.{k}": v for k, v in sd.items()}
+    full |= {"module.base_encoder.head.0.weight": r(4096, dim), "module.predictor.0.weight": r(4096, 256)}
+    return {"epoch": 300, "arch": "vit_small", "state_dict": full}, sd
+
+
+def test_mocov3_matches_reference(tmp_path, monkeypatch):
+    ckpt, sd = mocov3_ckpt()
+    os.makedirs(tmp_path / "ckpts")
+    torch.save(ckpt, tmp_path / "ckpts" / "mocov3_vits.pth")
+    monkeypatch.chdir(tmp_path)  # REPA's default place: ./ckpts/mocov3_vit{s}.pth
+    enc = load_encoder("mocov3-vit-s", resolution=256, grid=16)
+    assert set(enc.vit.state_dict()) == set(sd)
+    img = images()
+    x = (img.float() / 255 - MEAN) / STD  # no resize: 256px, 16px patches
+    z = enc(img)
+    assert z.shape == (2, 256, 384)
+    torch.testing.assert_close(z, ref_vit(sd, x, heads=12, patch=16), atol=2e-4, rtol=2e-4)
+    assert_frozen(enc)
+
+
+def test_mae_matches_reference(tmp_path, monkeypatch):
+    monkeypatch.setitem(E._MAE, "l", (64, 2, 4))  # MAE ViT-L is 300M params: same code at a tiny width
+    sd, r = vit_keys(64, 2, 256, layerscale=False)
+    sd |= {"cls_token": r(1, 1, 64, s=1.0), "pos_embed": r(1, 197, 64, s=1.0), "patch_embed.proj.weight": r(64, 3, 16, 16)}
+    torch.save({"model": sd}, tmp_path / "mae.pth")
+    enc = load_encoder("mae-vit-l", path=tmp_path / "mae.pth")
+    img = images()
+    x = (img.float() / 255 - MEAN) / STD
+    # REPA's MAE forward_features: no final norm, tokens 1:
+    torch.testing.assert_close(enc(img), ref_vit(sd, x, heads=4, patch=16, final_norm=False), atol=2e-4, rtol=2e-4)
+    assert E._MAE["l"][0] == 64
+
+
+def test_official_widths():
+    assert E._DINOV2["b"][0] == 768 and E._DINOV2["l"][0] == 1024 and E._DINOV2["g"][0] == 1536
+    assert E._MOCOV3["b"][0] == 768 and E._MAE["l"] == (1024, 24, 16)
+
+
+# ------------------------------------------------------------------ several, names, grid, patch-pixels
+
+def test_load_encoders_list_and_grid_check(tmp_path):
+    torch.save(dinov2_hub_sd(), tmp_path / "d.pth")
+    torch.save(mocov3_ckpt()[0], tmp_path / "m.pth")
+    encs = load_encoders("dinov2-vit-s, mocov3-vit-s", paths=f"{tmp_path / 'd.pth'},{tmp_path / 'm.pth'}")
+    assert [e.enc_type for e in encs] == ["dinov2-vit-s", "mocov3-vit-s"] and [e.embed_dim for e in encs] == [384, 384]
+    check_grid(encs[0], 256)
+    with pytest.raises(ValueError, match=r"dinov2-vit-s gives 256 tokens \(a 16x16 grid\) but the model has 64"):
+        check_grid(encs[0], 64)
+    with pytest.raises(ValueError, match="gives 256 tokens"):
+        load_encoder("dinov2-vit-s", path=tmp_path / "d.pth", grid=8)
+    with pytest.raises(ValueError, match="2 encoder names .* but 1 weight paths"):
+        load_encoders("dinov2-vit-s,mocov3-vit-s", paths=[None])
+    with pytest.raises(ValueError, match="loaded for 256px"):
+        encs[0](images(1, 128))
+
+
+def test_names():
+    with pytest.raises(ValueError, match="unknown encoder 'dino'.*patch-pixels.*dinov2-vit-b.*mocov3-vit-b.*jepa-vit-h"):
+        load_encoder("dino")
+    for name in E.NOT_YET:
+        with pytest.raises(NotImplementedError, match=name):
+            load_encoder(name)
+
+
+def test_patch_pixels_unchanged():
+    enc = load_encoder("patch-pixels", resolution=8, grid=2)
+    img = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(1, 3, 8, 8).to(torch.uint8)
+    z = enc(img)
+    x = img.float() / 127.5 - 1
+    tok1 = x[0, :, 0:4, 4:8].reshape(-1)
+    torch.testing.assert_close(z[0, 1], tok1 - tok1.mean())
+    assert enc.embed_dim == 48 and enc.num_tokens == 4
+    enc.train()
+    assert not enc.training
