@@ -25,6 +25,7 @@ setup(
         "pillow",
         "tqdm",
         "safetensors",
+        "scipy",  # fastrepa.eval: the matrix square root of the Fréchet distance
     ],
     extras_require={
         # GPU data loading (issue: data); CPU-only pipelines run with device_id=None.

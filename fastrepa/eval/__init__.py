@@ -1,0 +1,19 @@
+"""ADM evaluation metrics (FID, sFID, IS, precision, recall) from a local FID Inception file.
+
+``python -m fastrepa.eval samples.npz --ref REF.npz [--inception PATH]``; see cli.py.
+"""
+from .features import Activations, compute_activations
+from .inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3, InceptionFeatures,
+                        default_weights_path, extract_features, file_sha256, find_weights,
+                        load_inception)
+from .metrics import (RunningStats, frechet_distance, inception_score, inside_manifold,
+                      manifold_radii, precision_recall)
+from .reference import EvalInputError, NpzImages, ReferenceFile, ReferenceStats
+
+__all__ = [
+    "Activations", "compute_activations", "FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "FIDInceptionV3",
+    "InceptionFeatures", "default_weights_path", "extract_features", "file_sha256", "find_weights",
+    "load_inception", "RunningStats", "frechet_distance", "inception_score", "inside_manifold",
+    "manifold_radii", "precision_recall", "EvalInputError", "NpzImages", "ReferenceFile",
+    "ReferenceStats",
+]

@@ -1,0 +1,329 @@
+"""fastrepa.eval: Fréchet distance, streaming stats, IS, precision/recall, FID Inception, CLI.
+
+The real FID Inception weights cannot be downloaded here: the network tests save random weights
+with the official key names and load them back strict through the same loader.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from fastrepa.eval import (EvalInputError, FIDInceptionV3, NpzImages, ReferenceFile, RunningStats,
+                           extract_features, frechet_distance, inception_score, load_inception,
+                           manifold_radii, precision_recall)
+from fastrepa.eval.cli import main as eval_main
+from fastrepa.eval.inception import FID_WEIGHTS_URL
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+def _rand_spd(rng, d):
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_identity_covariance(method):
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.standard_normal(16), rng.standard_normal(16)
+    eye = np.eye(16)
+    got = frechet_distance(mu1, eye, mu2, eye, method=method)
+    assert got == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_diagonal_covariances(method):
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.1, 3, 12), rng.uniform(0.1, 3, 12)
+    mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
+    want = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
+    got = frechet_distance(mu1, np.diag(a), mu2, np.diag(b), method=method)
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_frechet_random_spd_against_independent_formula():
+    rng = np.random.default_rng(2)
+    d = 20
+    s1, s2 = _rand_spd(rng, d), _rand_spd(rng, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    # Independent: Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2), with sqrtm of symmetric matrices.
+    r1 = linalg.sqrtm(s1).real
+    want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+            - 2 * np.trace(linalg.sqrtm(r1 @ s2 @ r1).real))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+
+
+def test_frechet_shape_mismatch():
+    with pytest.raises(ValueError, match="mean vectors"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------- streaming statistics
+
+
+def test_running_stats_matches_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((103, 7)) * 3 + 1000.0  # a large offset: the shifted sums must cope
+    rs = RunningStats()
+    for i in range(0, len(x), 10):
+        rs.update(torch.from_numpy(x[i:i + 10]).float() if i == 0 else x[i:i + 10])
+    x[:10] = torch.from_numpy(x[:10]).float().double().numpy()  # first batch went in as float32
+    np.testing.assert_allclose(rs.mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(rs.sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+    assert rs.n == 103
+
+
+def test_running_stats_errors():
+    rs = RunningStats()
+    with pytest.raises(ValueError, match="no features"):
+        rs.mu
+    rs.update(np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="at least 2"):
+        rs.sigma
+    with pytest.raises(ValueError, match="dimension 5"):
+        rs.update(np.zeros((2, 5)))
+
+
+# ---------------------------------------------------------------- Inception Score
+
+
+def test_inception_score_hand_cases():
+    assert inception_score(np.full((10, 8), 1 / 8)) == pytest.approx(1.0)
+    k = 5
+    onehot = np.eye(k)[np.arange(20) % k]  # every class equally often, each prediction certain
+    assert inception_score(onehot) == pytest.approx(k)
+    # logits: equal logits are uniform -> 1; split size cuts the set into chunks (mean of chunks).
+    assert inception_score(np.zeros((6, 3)), from_logits=True) == pytest.approx(1.0)
+    two = np.eye(2)[[0, 0, 1, 1]]  # split_size=2: each chunk holds one class only -> 1 each
+    assert inception_score(two, split_size=2) == pytest.approx(1.0)
+    assert inception_score(two, split_size=4) == pytest.approx(2.0)
+
+
+def test_inception_score_from_logits_matches_softmax():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((50, 10)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    marg = p.mean(0)
+    want = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marg)), 1)))
+    assert inception_score(logits) == pytest.approx(want, rel=1e-10)
+    assert inception_score(p) == pytest.approx(want, rel=1e-10)
+
+
+# ---------------------------------------------------------------- precision / recall
+
+
+def test_precision_recall_identical_and_far():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    assert precision_recall(x, x.copy()) == (1.0, 1.0)
+    assert precision_recall(x, x + 1000) == (0.0, 0.0)
+
+
+def test_precision_recall_1d_by_hand():
+    # real on a line at 0..4: 3rd-NN squared radii are 9,4,4,4,9 (from the ends / the middle).
+    real = np.arange(5, dtype=np.float32)[:, None]
+    np.testing.assert_allclose(manifold_radii(real, k=3).numpy(), [9, 4, 4, 4, 9])
+    # fake: 0.5 and 6.9 lie inside a real ball (|6.9-4|^2 = 8.41 <= 9); 7.5 and 20 do not.
+    fake = np.array([[0.5], [6.9], [7.5], [20.0]], dtype=np.float32)
+    # fake radii (k=3, squared): 0.5->(20-0.5)^2, 6.9->(20-6.9)^2, 7.5->(20-7.5)^2, 20->19.5^2.
+    # Every real point is within 19.5 of fake 0.5 -> recall 1.
+    p, r = precision_recall(real, fake, k=3)
+    assert p == pytest.approx(0.5) and r == pytest.approx(1.0)
+
+
+def test_precision_recall_2d_by_hand_and_chunking():
+    # real: unit square corners; k=1 radius of each corner is 1 (squared 1).
+    real = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    # fake: two points next to a corner, two far away; k=1 radii: 0.01 pair and 1 pair (squared).
+    fake = np.array([[0, 0.1], [0, 0], [5, 5], [5, 6]], dtype=np.float32)
+    # precision: [0,.1] and [0,0] inside; [5,5],[5,6] are 32+ away -> 0.5.
+    # recall: real [0,0] is inside fake [0,0]'s ball (r^2=.01); [0,1] is .81 from [0,.1] > .01 -> out.
+    # the far fakes have r^2 = 1 and no real point within 1 of them -> recall 0.25.
+    for chunk in (1, 3, 100):
+        p, r = precision_recall(real, fake, k=1, chunk=chunk)
+        assert (p, r) == (pytest.approx(0.5), pytest.approx(0.25))
+
+
+def test_precision_recall_needs_more_than_k_points():
+    with pytest.raises(ValueError, match="k=3"):
+        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+# ---------------------------------------------------------------- FID Inception network
+
+
+def _signal_preserving_weights(seed=0):
+    """Random weights that keep activations O(1) through 90+ layers (He init, identity BN)."""
+    torch.manual_seed(seed)
+    m = FIDInceptionV3()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            elif isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+        m.fc.weight.normal_(0, 0.05)
+    return m.state_dict()
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inc") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(_signal_preserving_weights(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(inception_file):
+    return load_inception(inception_file)
+
+
+def test_inception_state_dict_keys_are_official_layout(inception_file):
+    sd = torch.load(inception_file, weights_only=True)
+    assert sd["fc.weight"].shape == (1008, 2048) and "AuxLogits.fc.weight" not in sd
+    for k in ("Conv2d_1a_3x3.conv.weight", "Mixed_5b.branch_pool.bn.running_var",
+              "Mixed_6d.branch1x1.conv.weight", "Mixed_7c.branch3x3dbl_3b.bn.weight"):
+        assert k in sd
+    # torchvision's Inception-v3 layout (what the published file was saved from) has the same keys.
+    from torchvision.models.inception import Inception3
+    tv = Inception3(num_classes=1008, aux_logits=False, init_weights=False).state_dict()
+    assert set(sd) == set(tv) and all(sd[k].shape == tv[k].shape for k in tv)
+
+
+def test_inception_loads_strict_and_is_deterministic(inception, inception_file, tmp_path):
+    # a file without num_batches_tracked (older torch) still loads; a wrong key does not.
+    sd = torch.load(inception_file, weights_only=True)
+    slim = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    torch.save(slim, tmp_path / "slim.pth")
+    load_inception(tmp_path / "slim.pth")
+    bad = dict(sd)
+    bad["extra.weight"] = bad.pop("fc.bias")
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match=r"missing keys \['fc.bias'\].*extra.weight"):
+        load_inception(tmp_path / "bad.pth")
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (2, 48, 40, 3), dtype=torch.uint8, generator=g)
+    a = extract_features(inception, imgs)
+    assert a.pool.shape == (2, 2048) and a.spatial.shape == (2, 2023) and a.logits.shape == (2, 1008)
+    assert a.pool.std() > 1e-3 and a.spatial.std() > 1e-3  # signal survived the network
+    assert torch.isfinite(a.pool).all() and torch.isfinite(a.logits).all()
+    # NCHW input, swapped batch: same features, swapped.
+    b = extract_features(inception, imgs.flip(0).permute(0, 3, 1, 2))
+    for x, y in ((a.pool, b.pool), (a.spatial, b.spatial), (a.logits, b.logits)):
+        torch.testing.assert_close(x.flip(0), y, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a.pool[0], a.pool[1])
+    # logits are pool @ W^T without the bias, as ADM's softmax graph.
+    torch.testing.assert_close(a.logits, a.pool @ inception.fc.weight.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_inception_input_errors(inception):
+    with pytest.raises(TypeError, match="uint8"):
+        extract_features(inception, torch.zeros(1, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"\[N,H,W,3\]"):
+        extract_features(inception, torch.zeros(1, 8, 8, 4, dtype=torch.uint8))
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_inception(tmp_path / "nope.pth")
+    assert str(tmp_path / "nope.pth") in str(e.value) and FID_WEIGHTS_URL in str(e.value)
+
+
+# ---------------------------------------------------------------- npz readers and the CLI
+
+
+def _images(n, seed, hw=(32, 32)):
+    return np.random.default_rng(seed).integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+
+
+def test_samples_npz_validation(tmp_path):
+    p = tmp_path / "s.npz"
+    np.savez(p, arr_0=_images(4, 0).astype(np.float32))
+    with pytest.raises(EvalInputError, match=r"s\.npz.*dtype float32.*uint8"):
+        NpzImages(p)
+    np.savez(p, arr_0=_images(4, 0)[..., :2].copy())
+    with pytest.raises(EvalInputError, match=r"shape \(4, 32, 32, 2\).*\[N, H, W, 3\]"):
+        NpzImages(p)
+    np.savez(p, images=_images(4, 0))
+    with pytest.raises(EvalInputError, match=r"no 'arr_0'.*\['images'\]"):
+        NpzImages(p)
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    with pytest.raises(EvalInputError, match="not an .npz"):
+        NpzImages(tmp_path / "x.npz")
+    with pytest.raises(EvalInputError, match="not found"):
+        NpzImages(tmp_path / "missing.npz")
+    # streaming reads give back exactly the array, compressed or not, in uneven batches
+    x = _images(7, 1)
+    np.savez_compressed(p, arr_0=x)
+    np.testing.assert_array_equal(np.concatenate(list(NpzImages(p).iter_batches(3))), x)
+
+
+def test_reference_validation(tmp_path):
+    p = tmp_path / "ref.npz"
+    np.savez(p, arr_1=np.zeros(3))
+    with pytest.raises(EvalInputError, match=r"ref\.npz.*neither FID statistics.*nor images"):
+        ReferenceFile(p)
+    np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(EvalInputError, match=r"missing \['mu_s', 'sigma_s'\]"):
+        ReferenceFile(p)
+    np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))
+    with pytest.raises(EvalInputError, match=r"'mu_s' has shape \(7,\)"):
+        ReferenceFile(p)
+
+
+def test_cli_end_to_end(inception_file, tmp_path, capsys):
+    samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=_images(4, 0))
+    np.savez(ref, arr_0=_images(4, 0))  # the same images: FID ~ 0
+    out = tmp_path / "report.json"
+    args = [str(samples), "--ref", str(ref), "--inception", str(inception_file),
+            "--batch-size", "3", "--device", "cpu", "--out", str(out), "--fd-method", "eigh"]
+    rep = eval_main(args)
+    on_disk = json.loads(out.read_text())
+    assert set(on_disk) >= {"fid", "sfid", "inception_score", "precision", "recall", "settings"}
+    assert on_disk["settings"]["num_samples"] == 4
+    assert on_disk["settings"]["inception_weights"] == str(inception_file.resolve())
+    # "~0" relative to the scale of the features: rep4 below (other images) is O(trace(sigma)).
+    assert abs(rep["fid"]) < 1e-3 and abs(rep["sfid"]) < 1e-3
+    assert rep["precision"] == 1.0 and rep["recall"] == 1.0
+    assert rep["inception_score"] >= 1.0
+    assert rep["settings"]["reference_stats_source"] == "computed"
+    caches = list(tmp_path.glob("ref.npz.*.fastrepa-stats.npz"))
+    assert len(caches) == 1
+    # second run reads the cache
+    rep2 = eval_main(args, quiet=True)
+    assert rep2["settings"]["reference_stats_source"].startswith("cache:")
+    assert rep2["fid"] == pytest.approx(rep["fid"], abs=1e-9)
+
+    # a reference with statistics only: FID from the file's mu/sigma, no precision/recall.
+    with np.load(caches[0]) as c:
+        np.savez(tmp_path / "stats.npz", **{k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    other = tmp_path / "other.npz"
+    np.savez(other, arr_0=_images(4, 9))
+    rep3 = eval_main([str(samples), "--ref", str(tmp_path / "stats.npz"), "--inception",
+                      str(inception_file), "--fd-method", "eigh"], quiet=True)
+    assert rep3["settings"]["reference_stats_source"] == "file"
+    assert rep3["precision"] is None and rep3["recall"] is None
+    assert rep3["fid"] == pytest.approx(rep["fid"], abs=1e-6)
+    rep4 = eval_main([str(other), "--ref", str(tmp_path / "stats.npz"), "--inception",
+                      str(inception_file), "--fd-method", "eigh"], quiet=True)
+    assert rep4["fid"] > 1e-2  # different images are measurably apart
+    print("fid same/other:", rep["fid"], rep4["fid"], "sfid:", rep["sfid"], rep4["sfid"])
+
+
+def test_cli_bad_inputs_fail_before_loading_weights(tmp_path):
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=_images(2, 0).astype(np.float64))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(4, 0))
+    with pytest.raises(EvalInputError, match="samples.npz.*float64"):
+        eval_main([str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception", "/nonexistent"])
+    np.savez(samples, arr_0=_images(2, 0))
+    with pytest.raises(FileNotFoundError, match="/nonexistent"):
+        eval_main([str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception", "/nonexistent"])
