@@ -6,7 +6,7 @@ registered as torch.library custom ops with autograd, and the public `<op>(..., 
 the model calls. `impl` is "triton", "torch" or "auto" (Triton on CUDA, the reference elsewhere);
 see `_dispatch.py`.
 """
-from ._dispatch import IMPLS, use_triton
+from ._dispatch import IMPLS, check_impl, use_triton
 from .adaln import (
     gated_residual,
     gated_residual_layernorm_modulate,
@@ -25,6 +25,7 @@ __all__ = [
     "alignment_loss_reference",
     "bias_silu",
     "bias_silu_reference",
+    "check_impl",
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_reference",

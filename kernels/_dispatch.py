@@ -47,6 +47,17 @@ def use_triton(impl: str, *tensors) -> bool:
     return True
 
 
+def check_impl(impl: str, device) -> None:
+    """Fail early, naming the flag, when --kernels `impl` cannot run on `device`."""
+    if impl not in IMPLS:
+        raise ValueError(f"--kernels={impl!r} is not one of {IMPLS}")
+    if impl == "triton" and not HAS_TRITON:
+        raise RuntimeError("--kernels triton needs the triton package; use --kernels torch or auto")
+    if impl == "triton" and torch.device(device).type != "cuda" and not interpreting():
+        raise RuntimeError("--kernels triton needs a CUDA GPU (this run is on the CPU); use --kernels auto "
+                           "(Triton on CUDA, PyTorch elsewhere) or torch")
+
+
 def block_size(n: int, at_least: int = 16) -> int:
     """Smallest power of two >= n (Triton block dims must be powers of two); masks cover the rest."""
     return max(at_least, 1 << (max(int(n), 1) - 1).bit_length())

@@ -17,6 +17,7 @@ from fastrepa.checkpoint import cpu_state_dict, load_checkpoint_file, load_weigh
 from fastrepa.config import TrainConfig, to_flat
 from fastrepa.data import REPAFolderDataset, StepSampler, build_loader
 from fastrepa.encoders import load_encoder
+from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
 from fastrepa.objectives import repa_loss, total_loss
 from fastrepa.sampling import euler_sampler
@@ -72,6 +73,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # Everything that can be wrong with the inputs is checked before any heavy work.
     check_backend(cfg.model.backend())
+    check_impl(cfg.model.kernels, device)
     dataset = REPAFolderDataset(cfg.data.data_dir)
     overrides = cfg.model_overrides()
     grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
