@@ -1,12 +1,14 @@
 """Pretrained REPA encoders from official-format weight files (random weights, written here).
 
 Each test writes a state dict with the key names and shapes of the official checkpoint (DINOv2 torch
-hub file, MoCo v3 .pth.tar, MAE pretrain file), loads it through `load_encoder`, and compares the
+hub file, MoCo v3 .pth.tar, MAE pretrain file, DINO v1 hub file, I-JEPA training checkpoint, OpenAI
+CLIP TorchScript archive), loads it through `load_encoder`, and compares the
 tokens with an independent forward written below from that state dict, with REPA's preprocessing
 (train.py preprocess_raw_image) and REPA's pos-embed resampling (timm.resample_abs_pos_embed).
 """
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -64,8 +66,11 @@ def ref_vit(sd, x, heads, patch, registers=0, final_norm=True):
     x = F.conv2d(x.double(), w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2)
     B, _, C = x.shape
-    pos = timm_pos.resample_abs_pos_embed(sd["pos_embed"].float(), [grid, grid]).double()  # what REPA does
-    x = torch.cat([w["cls_token"].expand(B, -1, -1), x], 1) + pos
+    npre = 1 if "cls_token" in w else 0  # I-JEPA has no class token
+    pos = timm_pos.resample_abs_pos_embed(sd["pos_embed"].float(), [grid, grid], num_prefix_tokens=npre).double()
+    if npre:
+        x = torch.cat([w["cls_token"].expand(B, -1, -1), x], 1)
+    x = x + pos
     if registers:
         x = torch.cat([x[:, :1], w["register_tokens"].expand(B, -1, -1), x[:, 1:]], 1)
     ln = lambda t, n: F.layer_norm(t, (C,), w[n + ".weight"], w[n + ".bias"], eps=1e-6)  # noqa: E731
@@ -83,7 +88,7 @@ def ref_vit(sd, x, heads, patch, registers=0, final_norm=True):
         i += 1
     if final_norm:
         x = ln(x, "norm")
-    return x[:, 1 + registers:].float()
+    return x[:, npre + registers:].float()
 
 
 def images(b=2, res=256, seed=0):
@@ -231,6 +236,189 @@ def test_mae_matches_reference(tmp_path, monkeypatch):
 def test_official_widths():
     assert E._DINOV2["b"][0] == 768 and E._DINOV2["l"][0] == 1024 and E._DINOV2["g"][0] == 1536
     assert E._MOCOV3["b"][0] == 768 and E._MAE["l"] == (1024, 24, 16)
+
+
+# ------------------------------------------------------------------ DINO v1, I-JEPA, CLIP
+
+def plain_vit_sd(dim, depth, patch, n_pos, cls=True):
+    sd, r = vit_keys(dim, depth, 4 * dim, layerscale=False)
+    sd |= {"pos_embed": r(1, n_pos, dim, s=1.0), "patch_embed.proj.weight": r(dim, 3, patch, patch, s=0.05)}
+    if cls:
+        sd["cls_token"] = r(1, 1, dim, s=1.0)
+    return sd
+
+
+def test_dinov1_matches_reference_from_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setitem(E._DINOV1, "b", (64, 2, 4))  # ViT-B/16 at a tiny width: same code path
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        load_encoder("dinov1-vit-b")
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth") in msg
+    assert os.path.join("ckpts", "dinov1_vitb.pth") in msg
+    assert "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth" in msg
+    sd = plain_vit_sd(64, 2, 16, 197)  # the hub file: backbone only, 224px pretraining (14x14 + cls)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(sd, tmp_path / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth")
+    enc = load_encoder("dinov1-vit-b", grid=16)
+    assert set(enc.vit.state_dict()) == set(sd)
+    torch.testing.assert_close(enc.vit.pos_embed.data, timm_pos.resample_abs_pos_embed(sd["pos_embed"], [16, 16]))
+    img = images()
+    x = (img.float() / 255 - MEAN) / STD  # REPA: ImageNet norm, no resize (256px, 16px patches)
+    torch.testing.assert_close(enc.preprocess(img), x)
+    z = enc(img)
+    assert z.shape == (2, 256, 64)
+    torch.testing.assert_close(z, ref_vit(sd, x, heads=4, patch=16, final_norm=True), atol=2e-4, rtol=2e-4)
+    assert_frozen(enc)
+
+
+def test_jepa_matches_reference(tmp_path, monkeypatch):
+    monkeypatch.setitem(E._JEPA, "h", (64, 2, 4))  # ViT-H/14 (630M) at a tiny width
+    sd = plain_vit_sd(64, 2, 14, 256, cls=False)  # no class token, sincos pos-embed for 16x16 patches
+    ckpt = {"encoder": {f"module.{k}": v for k, v in sd.items()},
+            "target_encoder": {f"module.{k}": v + 1 for k, v in sd.items()},
+            "predictor": {"module.predictor_embed.weight": torch.zeros(8, 64)},
+            "opt": {"state": {}, "param_groups": []}, "epoch": 300, "loss": 0.1, "batch_size": 2048, "lr": 1e-3}
+    os.makedirs(tmp_path / "ckpts")
+    torch.save(ckpt, tmp_path / "ckpts" / "ijepa_vith.pth")
+    monkeypatch.chdir(tmp_path)  # REPA's place: ./ckpts/ijepa_vit{h}.pth
+    enc = load_encoder("jepa-vit-h", grid=16)
+    assert set(enc.vit.state_dict()) == set(sd) and enc.embed_dim == 64
+    img = images()
+    x = F.interpolate((img.float() / 255 - MEAN) / STD, 224, mode="bicubic")  # norm, then 224
+    torch.testing.assert_close(enc.preprocess(img), x)
+    z = enc(img)
+    assert z.shape == (2, 256, 64)
+    # context encoder ('encoder'), all tokens after the final norm
+    torch.testing.assert_close(z, ref_vit(sd, x, heads=4, patch=14, final_norm=True), atol=2e-4, rtol=2e-4)
+    assert_frozen(enc)
+    with pytest.raises(ValueError, match="only at 256px"):
+        load_encoder("jepa-vit-h", resolution=512)
+    torch.save({"target_encoder": ckpt["target_encoder"]}, tmp_path / "t.pth")
+    with pytest.raises(E.EncoderWeightsError, match="not an I-JEPA checkpoint.*target_encoder"):
+        load_encoder("jepa-vit-h", path=tmp_path / "t.pth")
+    ckpt["encoder"]["module.cls_token"] = torch.zeros(1, 1, 64)
+    torch.save(ckpt, tmp_path / "c.pth")
+    with pytest.raises(E.EncoderWeightsError, match="unexpected keys: cls_token"):
+        load_encoder("jepa-vit-h", path=tmp_path / "c.pth")
+    os.remove(tmp_path / "ckpts" / "ijepa_vith.pth")
+    with pytest.raises(FileNotFoundError, match=r"ijepa_vith\.pth.*IN1K-vit\.h\.14-300e\.pth\.tar"):
+        load_encoder("jepa-vit-h")
+
+
+def clip_visual_sd(width=64, layers=2, out=32, grid=16, patch=14):
+    """OpenAI CLIP `model.visual` keys (prefixed 'visual.' in the full file)."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape, s=0.02):
+        return torch.randn(*shape, generator=g) * s
+
+    d = width
+    sd = {"conv1.weight": r(d, 3, patch, patch, s=0.05), "class_embedding": r(d, s=1.0),
+          "positional_embedding": r(grid * grid + 1, d, s=1.0), "ln_pre.weight": 1 + r(d, s=0.1),
+          "ln_pre.bias": r(d), "ln_post.weight": 1 + r(d, s=0.1), "ln_post.bias": r(d), "proj": r(d, out)}
+    for i in range(layers):
+        b = f"transformer.resblocks.{i}."
+        sd |= {b + "attn.in_proj_weight": r(3 * d, d, s=d ** -0.5), b + "attn.in_proj_bias": r(3 * d),
+               b + "attn.out_proj.weight": r(d, d, s=d ** -0.5), b + "attn.out_proj.bias": r(d),
+               b + "ln_1.weight": 1 + r(d, s=0.1), b + "ln_1.bias": r(d), b + "ln_2.weight": 1 + r(d, s=0.1),
+               b + "ln_2.bias": r(d), b + "mlp.c_fc.weight": r(4 * d, d, s=d ** -0.5), b + "mlp.c_fc.bias": r(4 * d),
+               b + "mlp.c_proj.weight": r(d, 4 * d, s=(4 * d) ** -0.5), b + "mlp.c_proj.bias": r(d)}
+    return sd
+
+
+def ref_clip(sd, x, heads):
+    """REPA's UpdatedVisionTransformer.forward in float64: no ln_post, no proj, class token dropped."""
+    w = {k: v.double() for k, v in sd.items()}
+    C = w["class_embedding"].shape[0]
+    patch = w["conv1.weight"].shape[-1]
+    x = F.conv2d(x.double(), w["conv1.weight"], stride=patch).flatten(2).transpose(1, 2)
+    B = x.shape[0]
+    x = torch.cat([w["class_embedding"].expand(B, 1, C), x], 1) + w["positional_embedding"]
+    ln = lambda t, n: F.layer_norm(t, (C,), w[n + ".weight"], w[n + ".bias"], eps=1e-5)  # noqa: E731
+    x = ln(x, "ln_pre")
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in w:
+        b = f"transformer.resblocks.{i}."
+        h = ln(x, b + "ln_1") @ w[b + "attn.in_proj_weight"].T + w[b + "attn.in_proj_bias"]
+        q, k, v = h.split(C, -1)
+        split = lambda t: t.reshape(B, -1, heads, C // heads).transpose(1, 2)  # noqa: E731
+        a = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(C // heads), -1) @ split(v)
+        x = x + a.transpose(1, 2).reshape(B, -1, C) @ w[b + "attn.out_proj.weight"].T + w[b + "attn.out_proj.bias"]
+        h = ln(x, b + "ln_2") @ w[b + "mlp.c_fc.weight"].T + w[b + "mlp.c_fc.bias"]
+        h = h * torch.sigmoid(1.702 * h)  # QuickGELU
+        x = x + h @ w[b + "mlp.c_proj.weight"].T + w[b + "mlp.c_proj.bias"]
+        i += 1
+    return x[:, 1:].float()
+
+
+def torchscript_archive(sd, f):
+    """A TorchScript archive holding `sd` under its dotted names, as OpenAI's ViT-L-14.pt does."""
+    class Holder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Holder()
+    for key, v in sd.items():
+        *mods, name = key.split(".")
+        m = root
+        for part in mods:
+            if not hasattr(m, part):
+                m.add_module(part, torch.nn.Module())
+            m = getattr(m, part)
+        m.register_parameter(name, torch.nn.Parameter(v, requires_grad=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(root), f)
+
+
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def test_clip_matches_reference_from_torchscript_archive(tmp_path, monkeypatch):
+    monkeypatch.setitem(E._CLIP, "L", (64, 2, 4, 32))  # ViT-L/14 at a tiny width
+    monkeypatch.setenv("HOME", str(tmp_path))  # clip.load's default place: ~/.cache/clip/ViT-L-14.pt
+    with pytest.raises(FileNotFoundError) as e:
+        load_encoder("clip-vit-L")
+    assert str(tmp_path / ".cache" / "clip" / "ViT-L-14.pt") in str(e.value)
+    assert "https://openaipublic.azureedge.net/clip/models/" in str(e.value) and "ViT-L-14.pt" in str(e.value)
+    vis = {k: v.half() for k, v in clip_visual_sd().items()}  # OpenAI's archive holds fp16 weights
+    full = {f"visual.{k}": v for k, v in vis.items()}
+    full |= {"positional_embedding": torch.zeros(77, 48).half(), "token_embedding.weight": torch.zeros(10, 48).half(),
+             "transformer.resblocks.0.ln_1.weight": torch.ones(48).half(), "logit_scale": torch.tensor(4.6)}
+    (tmp_path / ".cache" / "clip").mkdir(parents=True)
+    torchscript_archive(full, tmp_path / ".cache" / "clip" / "ViT-L-14.pt")
+    enc = load_encoder("clip-vit-L", grid=16)
+    own = enc.vit.state_dict()
+    assert set(own) == set(vis) and all(v.dtype == torch.float32 for v in own.values())
+    assert enc.embed_dim == 64  # transformer width, as REPA's encoder.embed_dim
+    img = images()
+    x = (F.interpolate(img.float() / 255, 224, mode="bicubic") - CLIP_MEAN) / CLIP_STD  # resize, then CLIP norm
+    torch.testing.assert_close(enc.preprocess(img), x)
+    z = enc(img)
+    assert z.shape == (2, 256, 64)
+    want = ref_clip(vis, x, heads=4)
+    torch.testing.assert_close(z, want, atol=2e-4, rtol=2e-4)
+    assert_frozen(enc)
+    # a plain state dict (visual keys only) saved with torch.save gives the same encoder
+    torch.save({k: v.float() for k, v in vis.items()}, tmp_path / "v.pth")
+    torch.testing.assert_close(load_encoder("clip-vit-L", path=tmp_path / "v.pth")(img), want, atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="only at 256px"):
+        load_encoder("clip-vit-L", resolution=512)
+    bad = dict(vis)
+    bad["attn_pool.weight"] = bad.pop("proj")
+    torch.save(bad, tmp_path / "b.pth")
+    with pytest.raises(E.EncoderWeightsError, match="missing keys: proj; unexpected keys: attn_pool.weight"):
+        load_encoder("clip-vit-L", path=tmp_path / "b.pth")
+
+
+def test_new_official_widths():
+    assert E._DINOV1["b"] == (768, 12, 12) and E._JEPA["h"] == (1280, 32, 16) and E._CLIP["L"] == (1024, 24, 16, 768)
+    with torch.device("meta"):
+        vis = E.vit.CLIPVisual(patch=14, width=1024, layers=24, heads=16, grid=16, output_dim=768)
+    assert sum(p.numel() for p in vis.parameters()) == 303_966_208  # CLIP ViT-L/14 visual tower
 
 
 # ------------------------------------------------------------------ several, names, grid, patch-pixels

@@ -11,11 +11,15 @@ built from their *official* weight files, read from local disk only (nothing is 
 | dinov2-vit-{s,b,l,g}-reg| .../dinov2_vit{x}14_reg4_pretrain.pth                                   | hub state dict |
 | mocov3-vit-{s,b,l}      | ckpts/mocov3_vit{x}.pth                                                 | ['state_dict'], module.base_encoder.* |
 | mae-vit-l               | ckpts/mae_vitl.pth                                                      | ['model']    |
+| dinov1-vit-b            | torch.hub.get_dir()/checkpoints/dino_vitbase16_pretrain.pth, ckpts/dinov1_vitb.pth | hub state dict |
+| jepa-vit-h              | ckpts/ijepa_vith.pth (= IN1K-vit.h.14-300e.pth.tar)                     | ['encoder'], module.* |
+| clip-vit-L              | ~/.cache/clip/ViT-L-14.pt                                               | TorchScript archive (or a state dict) |
 
 What each computes is what official REPA (sihyun-yu/REPA train.py `preprocess_raw_image` and
 utils.py `load_encoders`) feeds the alignment loss:
-- preprocessing: x / 255, ImageNet mean/std; dinov2 then resizes bicubically (F.interpolate, no
-  antialias, align_corners False) to 224 * (resolution // 256); mocov3/mae run at the raw 256px.
+- preprocessing: x / 255, ImageNet mean/std; dinov2 and jepa then resize bicubically (F.interpolate,
+  no antialias, align_corners False) to 224 * (resolution // 256); mocov3/mae/dinov1 run at the raw
+  256px; clip resizes FIRST (bicubic, to 224) and then normalises with CLIP's mean/std.
 - positional embedding: REPA resamples the checkpoint's pos-embed ONCE with timm's
   `resample_abs_pos_embed(pos_embed, [g, g])` (class-token row kept, bicubic, antialias=True,
   size-based) to the grid it runs at (16x16 at 256px, 32x32 at 512px), so DINOv2's own
@@ -24,18 +28,41 @@ utils.py `load_encoders`) feeds the alignment loss:
 - tokens: dinov2 `x_norm_patchtokens` (final norm, class and register tokens dropped); mocov3
   `forward_features(x)[:, 1:]` (final norm, class dropped); mae: REPA's MAE `forward_features` skips
   the final norm and returns `x[:, 1:]`.
-Not built yet (NotImplementedError): dinov1 (REPA imports a `models/dinov1.py` that is not in its
-repository), clip-vit-L, jepa-vit-h.
+- dinov1-vit-b: REPA loads `./ckpts/dinov1_vitb.pth` as a bare state dict (the key set of the DINO hub
+  file dino_vitbase16_pretrain.pth: ViT-B/16, qkv bias, LayerNorm eps 1e-6, exact GELU, no head),
+  resamples its pos-embed 14x14 -> 16x16 with timm (as for mocov3) and runs the raw 256px image.
+  REPA imports a `models/dinov1.py` that is NOT in its repository, so which tokens it took is not
+  visible; we return the final-norm patch tokens (`norm(x)[:, 1:]`, as for mocov3 / DINOv2): the loss
+  aligns token by token, which the DINO repo's own `forward` (class token only) could not feed.
+- jepa-vit-h: REPA's models/jepa.py `vit_huge(img_size=[224, 224], patch_size=14)` (1280 wide, 32
+  blocks, 16 heads, qkv bias, LayerNorm eps 1e-6, exact GELU, NO class token, pos-embed for the 16x16
+  patches only) loaded strictly from `torch.load(...)['encoder']` with the first 7 characters
+  (`module.`) of every key cut (we cut only a `module.` prefix): the context encoder, not
+  'target_encoder'. `forward_features = forward`: all 256 tokens after the final `norm`; REPA's
+  `interpolate_pos_encoding` leaves the pos-embed alone at 224px (so no resampling here). The official file is the 10 GB training checkpoint
+  (optimizer state included); it is read with mmap so only the encoder is paged in.
+- clip-vit-L: REPA takes `clip.load("ViT-L/14", device="cpu")[0].visual` (fp32 on CPU) wrapped in
+  `UpdatedVisionTransformer`: conv1 -> class token + positional_embedding -> ln_pre -> transformer ->
+  tokens 1: of the last block, WITHOUT ln_post and proj; embed_dim = transformer.width = 1024. The
+  OpenAI file is a TorchScript archive; we read it with `torch.jit.load(f, map_location="cpu")
+  .state_dict()` (what clip.load itself does; it runs no pickled Python, but it is not a
+  weights_only load), keep the `visual.*` keys and cast them to fp32. A plain state dict saved with
+  torch.save (the full CLIP state dict with `visual.` keys, or the visual keys alone) is accepted too
+  and read weights_only.
+- 512px: REPA supports only DINOv2 there; clip and jepa have a fixed 16x16 pos-embed that REPA does not
+  resample (its CLIP adds it directly; its I-JEPA interpolation fails), so they are refused for
+  resolution >= 512 (and below 256); dinov1 follows mocov3 (pos-embed resampled to resolution // 16).
 
 Every encoder is frozen: eval mode that `train()` cannot undo, requires_grad False, no_grad forward.
 """
 import os
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vit import ViT
+from .vit import CLIPVisual, ViT
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,15 +74,24 @@ _DINOV2 = {"s": (384, 12, 6, "mlp"), "b": (768, 12, 12, "mlp"), "l": (1024, 24, 
            "g": (1536, 40, 24, "swiglu")}
 _MOCOV3 = {"s": (384, 12, 12), "b": (768, 12, 12), "l": (1024, 24, 16)}
 _MAE = {"l": (1024, 24, 16)}
+_DINOV1 = {"b": (768, 12, 12)}
+_JEPA = {"h": (1280, 32, 16)}  # patch 14, 224px
+_CLIP = {"L": (1024, 24, 16, 768)}  # width, layers, heads, output_dim; patch 14, 224px
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{x}14/{file}"
 MOCOV3_URL = {"s": "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
               "b": "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"}
 MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth"
+DINOV1_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+JEPA_URL = "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"
+CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt")
 
 SUPPORTED = tuple([f"dinov2-vit-{x}" for x in _DINOV2] + [f"dinov2-vit-{x}-reg" for x in _DINOV2]
-                  + [f"mocov3-vit-{x}" for x in _MOCOV3] + [f"mae-vit-{x}" for x in _MAE])
-NOT_YET = ("dinov1-vit-b", "clip-vit-L", "jepa-vit-h")
+                  + [f"mocov3-vit-{x}" for x in _MOCOV3] + [f"mae-vit-{x}" for x in _MAE]
+                  + [f"dinov1-vit-{x}" for x in _DINOV1] + [f"jepa-vit-{x}" for x in _JEPA]
+                  + [f"clip-vit-{x}" for x in _CLIP])
+NOT_YET = ()
 PRETRAINED = SUPPORTED + NOT_YET
 EMBEDDED = ("patch-pixels",)
 
@@ -182,7 +218,12 @@ def _candidates(enc_type, path):
     if kind == "dinov2":
         fname = f"dinov2_vit{size}14{'_reg4' if enc_type.endswith('-reg') else ''}_pretrain.pth"
         return [os.path.join(torch.hub.get_dir(), "checkpoints", fname), os.path.join("ckpts", fname)], _source(enc_type)
-    fname = {"mocov3": f"mocov3_vit{size}.pth", "mae": f"mae_vit{size}.pth"}[kind]
+    if kind == "dinov1":
+        return [os.path.join(torch.hub.get_dir(), "checkpoints", "dino_vitbase16_pretrain.pth"),
+                os.path.join("ckpts", f"dinov1_vit{size}.pth")], _source(enc_type)
+    if kind == "clip":
+        return [os.path.join(os.path.expanduser("~/.cache/clip"), f"ViT-{size}-14.pt")], _source(enc_type)
+    fname = {"mocov3": f"mocov3_vit{size}.pth", "mae": f"mae_vit{size}.pth", "jepa": f"ijepa_vit{size}.pth"}[kind]
     return [os.path.join("ckpts", fname)], _source(enc_type)
 
 
@@ -196,7 +237,24 @@ def _source(enc_type):
     if kind == "mocov3":
         url = MOCOV3_URL.get(size, "no official MoCo v3 release for this size")
         return f"{url}, saved as ckpts/mocov3_vit{size}.pth (the name REPA uses)"
+    if kind == "dinov1":
+        return (f"{DINOV1_URL} (torch.hub.load('facebookresearch/dino:main', 'dino_vitb16') saves it under "
+                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}; REPA's name is ckpts/dinov1_vitb.pth)")
+    if kind == "jepa":
+        return f"{JEPA_URL}, saved as ckpts/ijepa_vit{size}.pth (the name REPA uses)"
+    if kind == "clip":
+        return f"{CLIP_URL} (clip.load('ViT-{size}/14') saves it as ~/.cache/clip/ViT-{size}-14.pt)"
     return f"{MAE_URL}, saved as ckpts/mae_vit{size}.pth (the name REPA uses)"
+
+
+def _is_torchscript(f):
+    """A TorchScript archive (torch.jit.save) is a zip holding code/ and constants.pkl."""
+    import zipfile
+    if not zipfile.is_zipfile(f):
+        return False
+    with zipfile.ZipFile(f) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 def _read(enc_type, path):
@@ -204,6 +262,16 @@ def _read(enc_type, path):
     for f in files:
         if os.path.isfile(f):
             try:
+                if enc_type.startswith("clip-") and _is_torchscript(f):
+                    # OpenAI's CLIP file (what clip.load reads); no pickled Python runs, not weights_only
+                    with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export
+                        warnings.simplefilter("ignore", FutureWarning)
+                        return torch.jit.load(f, map_location="cpu").state_dict(), f
+                if enc_type.startswith("jepa-"):  # 10 GB training checkpoint: page in what is used
+                    try:
+                        return torch.load(f, map_location="cpu", weights_only=True, mmap=True), f
+                    except RuntimeError:
+                        pass  # a legacy (non-zip) file cannot be mmapped
                 return torch.load(f, map_location="cpu", weights_only=True), f
             except Exception as e:  # truncated file, or pickled objects beyond tensors / containers
                 raise EncoderWeightsError(f"encoder {enc_type}: could not read weight file {f}: {e}") from e
@@ -226,9 +294,9 @@ def _mocov3_keys(sd):
     return out
 
 
-def _load_strict(enc_type, vit: ViT, sd, where):
+def _load_strict(enc_type, vit: nn.Module, sd, where, resample=True):
     sd = dict(sd)
-    if "pos_embed" in sd and torch.is_tensor(sd["pos_embed"]) and sd["pos_embed"].ndim == 3:
+    if resample and "pos_embed" in sd and torch.is_tensor(sd["pos_embed"]) and sd["pos_embed"].ndim == 3:
         sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], vit.grid)
     own = vit.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -258,17 +326,48 @@ def _build(enc_type, path, resolution):
                   layerscale=True, num_registers=4 if enc_type.endswith("-reg") else 0, mask_token=True)
         sd = raw
         resize = side
-    elif kind in ("mocov3", "mae"):
+    elif kind in ("mocov3", "mae", "dinov1"):
         if resolution % 16:
             raise ValueError(f"encoder {enc_type}: resolution {resolution} is not a multiple of its 16px patches")
         if kind == "mocov3":
             dim, depth, heads = _MOCOV3[size]
             sd = _mocov3_keys(raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw)
-        else:
+        elif kind == "mae":
             dim, depth, heads = _MAE[size]
             sd = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
-        vit = ViT(patch=16, dim=dim, depth=depth, heads=heads, grid=resolution // 16, final_norm=(kind == "mocov3"))
+        else:  # the DINO hub file is the backbone state dict itself
+            dim, depth, heads = _DINOV1[size]
+            sd = raw
+        vit = ViT(patch=16, dim=dim, depth=depth, heads=heads, grid=resolution // 16, final_norm=(kind != "mae"))
         resize = None
+    elif kind in ("jepa", "clip"):
+        side = 224 * (resolution // 256)
+        if side != 224:
+            raise ValueError(f"encoder {enc_type}: REPA runs it only at 256px (224px input, its fixed 16x16 "
+                             f"pos-embed; REPA's 512px runs support DINOv2 only), got resolution {resolution}")
+        if kind == "jepa":
+            dim, depth, heads = _JEPA[size]
+            if not (isinstance(raw, dict) and "encoder" in raw):
+                raise EncoderWeightsError(f"encoder {enc_type}: {where} is not an I-JEPA checkpoint (a dict with "
+                                          f"'encoder'); keys: {', '.join(map(str, list(raw)[:20])) if isinstance(raw, dict) else type(raw).__name__}")
+            # REPA cuts key[7:] ('module.' of the DDP-wrapped encoder); a key without it is kept as is
+            sd = {(k[7:] if k.startswith("module.") else k): v for k, v in raw["encoder"].items()}
+            vit = ViT(patch=14, dim=dim, depth=depth, heads=heads, grid=16, cls_token=False)
+            mean, std, first = IMAGENET_MEAN, IMAGENET_STD, False
+        else:
+            width, layers, heads, out = _CLIP[size]
+            if isinstance(raw, dict) and any(str(k).startswith("visual.") for k in raw):
+                sd = {k[len("visual."):]: v for k, v in raw.items() if k.startswith("visual.")}
+            else:
+                sd = raw
+            if isinstance(sd, dict):  # OpenAI's file is fp16; clip.load(device='cpu') makes it fp32
+                sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
+            vit = CLIPVisual(patch=14, width=width, layers=layers, heads=heads, grid=16, output_dim=out)
+            mean, std, first = CLIP_MEAN, CLIP_STD, True
+        if not isinstance(sd, dict):
+            raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
+        _load_strict(enc_type, vit, sd, where, resample=False)
+        return PretrainedEncoder(enc_type, vit, resolution, mean, std, resize=side, resize_first=first)
     else:  # pragma: no cover - guarded by SUPPORTED
         raise AssertionError(enc_type)
     if not isinstance(sd, dict):
