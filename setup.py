@@ -25,6 +25,7 @@ setup(
         "pillow",
         "tqdm",
         "safetensors",
+        "diffusers",  # fastrepa.vae: the SD-VAE (AutoencoderKL), loaded from local files only
         "scipy",  # fastrepa.eval: the matrix square root of the Fréchet distance
     ],
     extras_require={

@@ -8,6 +8,7 @@ validates itself in `__post_init__` and names the flag and the allowed values wh
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field, fields
 
@@ -17,8 +18,7 @@ from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-VAES = ("identity",)
-ENCODERS_NOW = ("patch-pixels", "none")
+VAES = ("ema", "mse", "identity")  # or a local diffusers AutoencoderKL folder / a cached HF repo id
 
 
 def flag(default, help: str, choices=None, **kw):
@@ -100,14 +100,16 @@ class ObjectiveConfig:
 class DataConfig:
     data_dir: str = flag("../data/imagenet256", "dataset folder in the REPA layout (images/, vae-sd/)")
     resolution: int = flag(256, "image resolution")
-    vae: str = flag("identity", "latent decoder for sample grids", choices=VAES)
+    vae: str = flag("ema", "SD-VAE for sample grids: ema, mse (stabilityai/sd-vae-ft-*, from the local Hugging "
+                           "Face cache), a local AutoencoderKL folder, or identity (pixel-space demo data)")
     latents_scale: float = flag(0.18215, "latent scale (SD-VAE: 0.18215)")
     latents_bias: float = flag(0.0, "latent bias")
     num_workers: int = flag(4, "data loader worker processes")
 
     def __post_init__(self):
         _need(self.resolution >= 8, "resolution", self.resolution, "an image size >= 8")
-        _need(self.vae in VAES, "vae", self.vae, f"one of {VAES}")
+        _need(self.vae in VAES or os.path.isdir(self.vae) or self.vae.count("/") == 1, "vae", self.vae,
+              f"one of {VAES}, a local AutoencoderKL folder or a Hugging Face repo id")
         _need(self.latents_scale > 0, "latents_scale", self.latents_scale, "a number > 0")
         _need(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
 

@@ -37,3 +37,15 @@ def hand_interpolant(t, path):
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     a, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
     return a, s, -math.pi / 2 * s, math.pi / 2 * a
+
+
+def make_tiny_vae(path: str, seed: int = 0):
+    """A tiny randomly initialised diffusers AutoencoderKL saved to `path` (save_pretrained); returns it."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    ae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                 layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    ae.save_pretrained(path)
+    return ae.eval()

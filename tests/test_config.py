@@ -38,6 +38,7 @@ def test_flat_round_trip():
 
 @pytest.mark.parametrize("argv,msg", [
     (["--proj-coeff", "-1"], "--proj-coeff=-1"),
+    (["--vae", "no-such-vae"], "--vae='no-such-vae'"),
     (["--batch-size", "0"], "--batch-size=0"),
     (["--batch-size", "10", "--gradient-accumulation-steps", "4"], "multiple of --gradient-accumulation-steps"),
     (["--learning-rate", "0"], "--learning-rate"),
