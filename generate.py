@@ -1,10 +1,20 @@
-"""Sample from a checkpoint and write PNGs plus the ADM-style .npz. Flags follow the official REPA generate.py.
+"""Sample from a checkpoint into the ADM-style .npz (PNGs if asked), and score it. Flags follow the official
+REPA generate.py.
 
     python generate.py --ckpt runs/demo/checkpoints/0001000.pt --num-fid-samples 100 --mode sde --num-steps 250
+    torchrun --nproc_per_node=8 generate.py --ckpt ... --ref VIRTUAL_imagenet256_labeled.npz
+
+Layout of --sample-dir: shards/shard-SSSSSSS-EEEEEEE.npz (one per batch, written atomically by the process
+that made it) and shards/settings.json; at the end rank 0 writes <name>.npz (arr_0 uint8 [N, H, W, 3], index
+order), generate.json (settings, and the metrics with --ref) and, with --png, <name>/NNNNNN.png. A rerun
+with the same settings skips the complete shards; other settings are refused unless --overwrite.
 """
 import argparse
+import json
 import os
+import shutil
 import sys
+import time
 
 import numpy as np
 
@@ -42,8 +52,75 @@ def build_parser():
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
-    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also write PNG files")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False, help="also write PNG files")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="autocast dtype of the model and the VAE decode (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model's velocity (default: on for CUDA, off on CPU)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the shards of an earlier run with different settings in --sample-dir")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a process waits for the others at a barrier before failing")
+    # Metrics (fastrepa.eval) of the assembled samples.
+    p.add_argument("--ref", default=None, help="ADM reference .npz: score the samples (FID, sFID, IS, P/R)")
+    p.add_argument("--inception", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    p.add_argument("--eval-batch-size", type=int, default=100)
+    p.add_argument("--fd-method", choices=("sqrtm", "eigh"), default="sqrtm",
+                   help="Frechet distance matrix square root (see python -m fastrepa.eval --help)")
     return p
+
+
+# Test hook (used by tests/test_generate.py only): the process stops with TEST_EXIT_CODE after writing
+# this many shards, as if it had been killed.
+TEST_EXIT_AFTER_SHARDS_ENV = "FASTREPA_TEST_EXIT_AFTER_SHARDS"
+TEST_EXIT_CODE = 75
+SETTINGS_FILE = "settings.json"
+
+
+def _check_settings(shard_dir: str, settings: dict, overwrite: bool):
+    """None if the shard folder is new or holds this run's shards; else a message naming the differences."""
+    path = os.path.join(shard_dir, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        old = {"<unreadable settings.json>": str(e)}
+    if old == settings or overwrite:
+        return None
+    diff = [f"{k}: {old.get(k, '<absent>')!r} there, {settings.get(k, '<absent>')!r} now"
+            for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    return (f"{shard_dir} holds samples of a run with different settings ({'; '.join(diff)}); pass --overwrite "
+            "to discard them, or choose another --sample-dir")
+
+
+def _discard_previous(sample_dir: str, shard_dir: str, png_dir: str) -> None:
+    report = os.path.join(sample_dir, "generate.json")
+    old = {}
+    if os.path.isfile(report):
+        try:
+            with open(report) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            pass
+        os.remove(report)
+    root = os.path.abspath(sample_dir) + os.sep
+    for d in (shard_dir, png_dir, old.get("png_dir")):
+        if d and os.path.abspath(d).startswith(root) and os.path.isdir(d):
+            shutil.rmtree(d)
+    f = old.get("samples")
+    if f and os.path.abspath(f).startswith(root) and os.path.isfile(f):
+        os.remove(f)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -55,51 +132,168 @@ def main(argv=None) -> int:
                             "at least 2 for --mode sde, 1 for ode"),
                            ("cfg-scale", a.cfg_scale >= 1.0, "a number >= 1 (1 disables guidance)"),
                            ("guidance-low", 0 <= a.guidance_low <= a.guidance_high <= 1,
-                            "0 <= --guidance-low <= --guidance-high <= 1")):
+                            "0 <= --guidance-low <= --guidance-high <= 1"),
+                           ("eval-batch-size", a.eval_batch_size >= 1, "a positive integer"),
+                           ("dist-timeout", a.dist_timeout > 0, "a positive number of seconds")):
         if not ok:
             parser.error(f"--{name}: expected {want}")
     if not os.path.isfile(a.ckpt):
         parser.error(f"--ckpt {a.ckpt}: no such file")
 
+    inception = None
+    if a.ref is not None:  # check the metric inputs now, not after hours of sampling
+        from fastrepa.eval import EvalInputError, ReferenceFile, find_weights
+        try:
+            ReferenceFile(a.ref)
+            inception = str(find_weights(a.inception))
+        except (EvalInputError, FileNotFoundError) as e:
+            parser.error(f"--ref/--inception: {e}")
+    elif a.inception is not None:
+        parser.error("--inception is used with --ref only")
+
+    from fastrepa import distributed
+    env = distributed.setup(timeout_s=a.dist_timeout)
+    try:
+        return _run(parser, a, env, inception)
+    finally:
+        distributed.teardown(env)
+
+
+def _run(parser, a, env, inception) -> int:
+    import numpy as np
     import torch
     from tqdm import tqdm
 
-    from fastrepa.generation import generate, model_from_checkpoint, write_npz, write_pngs
+    from fastrepa.checkpoint import CheckpointError
+    from fastrepa.generation import (assemble_shards, batch_plan, list_shards, model_from_checkpoint,
+                                     rank_batches, sample_batch, write_npz, write_pngs, write_shard)
     from fastrepa.vae import load_vae
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    device = env.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        torch.backends.cudnn.allow_tf32 = a.tf32
+    precision = a.precision if a.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    use_compile = a.compile if a.compile is not None else device.type == "cuda"
     overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
-                 "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels, "input_size": a.resolution // 8 if a.resolution else None}
+                 "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels,
+                 "input_size": a.resolution // 8 if a.resolution else None}
     if a.fused_attn is not None:
         overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
-    model, args = model_from_checkpoint(a.ckpt, a.weights, overrides)
-    model.to(device)
     try:
-        vae = load_vae(a.vae or args.get("vae") or "ema").to(device)
+        model, args = model_from_checkpoint(a.ckpt, a.weights, overrides)
+    except CheckpointError as e:
+        parser.error(f"--ckpt: {e}")
+    model.to(device)
+    vae_name = a.vae or args.get("vae") or "ema"
+    try:
+        vae = load_vae(vae_name).to(device)
     except NotImplementedError as e:
         parser.error(f"--vae: {e}")
     path_type = a.path_type or args.get("path_type") or "linear"
+    latents_scale = args.get("latents_scale", 0.18215)
+    latents_bias = args.get("latents_bias", 0.0)
+    model_name = a.model or args.get("model") or "SiT-XL/2"
+    size = model.x_embedder.grid_size * model.patch_size
 
+    # What defines the samples: a rerun in the same --sample-dir must match all of it to reuse shards.
+    settings = {
+        "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt), "weights": a.weights,
+        "model": model_name, "model_overrides": {k: v for k, v in overrides.items() if v is not None and k != "kernels"},
+        "latent_size": size, "vae": vae_name, "latents_scale": latents_scale, "latents_bias": latents_bias,
+        "mode": a.mode, "num_steps": a.num_steps, "heun": a.heun, "cfg_scale": a.cfg_scale,
+        "guidance_low": a.guidance_low, "guidance_high": a.guidance_high, "path_type": path_type,
+        "global_seed": a.global_seed, "num_fid_samples": a.num_fid_samples,
+        "per_proc_batch_size": a.per_proc_batch_size, "precision": precision,
+    }
+    shard_dir = os.path.join(a.sample_dir, "shards")
+    problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
+    if problem:
+        parser.error(f"--sample-dir: {problem}")
     ckpt_name = os.path.splitext(os.path.basename(a.ckpt))[0]
-    model_name = (a.model or args.get("model") or "SiT").replace("/", "-")
-    folder = os.path.join(a.sample_dir, f"{model_name}-{ckpt_name}-cfg-{a.cfg_scale}-seed-{a.global_seed}-{a.mode}")
-    bar = tqdm(total=a.num_fid_samples, desc="sampling", unit="img", disable=None)
-    chunks = []
-    for start, images in generate(model, vae, num_samples=a.num_fid_samples, batch_size=a.per_proc_batch_size,
-                                  mode=a.mode, num_steps=a.num_steps, cfg_scale=a.cfg_scale,
-                                  guidance_low=a.guidance_low, guidance_high=a.guidance_high, heun=a.heun,
-                                  path_type=path_type, seed=a.global_seed,
-                                  latents_scale=args.get("latents_scale", 0.18215),
-                                  latents_bias=args.get("latents_bias", 0.0), device=device, progress=bar):
-        chunks.append(images.numpy())
+    name = f"{model_name.replace('/', '-')}-{ckpt_name}-cfg-{a.cfg_scale}-seed-{a.global_seed}-{a.mode}"
+    npz_path, png_dir = os.path.join(a.sample_dir, name + ".npz"), os.path.join(a.sample_dir, name)
+    if env.is_main:
+        if a.overwrite:  # start afresh: this run's shards, and the outputs the last report names
+            _discard_previous(a.sample_dir, shard_dir, png_dir)
+        os.makedirs(shard_dir, exist_ok=True)
+        for f in os.listdir(shard_dir):  # leftovers of a killed run; nobody writes before the barrier
+            if ".tmp" in f:
+                os.remove(os.path.join(shard_dir, f))
+        _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
+    env.barrier()
+
+    velocity = model.velocity
+    if use_compile:
+        velocity = torch.compile(model.velocity)
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    plan = batch_plan(a.num_fid_samples, a.per_proc_batch_size)
+    done = list_shards(shard_dir)
+    mine = rank_batches(plan, env.rank, env.world_size)
+    todo = [b for b in mine if b not in done]
+    n_done = sum(e - s for s, e in plan if (s, e) in done)
+    if env.is_main and n_done:
+        print(f"resuming: {n_done} of {a.num_fid_samples} samples already in {shard_dir}", flush=True)
+    bar = tqdm(total=a.num_fid_samples, initial=n_done, desc=f"sampling ({env.world_size} proc)", unit="img",
+               disable=None if env.is_main else True, dynamic_ncols=True)
+    exit_after = int(os.environ.get(TEST_EXIT_AFTER_SHARDS_ENV, "0") or 0)
+    written = 0
+    t_sample = time.time()
+    for start, end in todo:
+        images = sample_batch(model, vae, start, end, batch_size=a.per_proc_batch_size, mode=a.mode,
+                              num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance_low=a.guidance_low,
+                              guidance_high=a.guidance_high, heun=a.heun, path_type=path_type,
+                              seed=a.global_seed, latents_scale=latents_scale, latents_bias=latents_bias,
+                              device=device, velocity=velocity, autocast_dtype=autocast_dtype).numpy()
         if a.png:
-            write_pngs(images, start, folder)
+            write_pngs(images, start, png_dir)
+        write_shard(shard_dir, start, end, images)
+        written += 1
+        if env.is_main:  # global progress: count every process's shards on disk
+            bar.n = sum(e - s for s, e in list_shards(shard_dir))
+            bar.refresh()
+        if exit_after and written >= exit_after:
+            bar.close()
+            print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
+            sys.exit(TEST_EXIT_CODE)
+    if a.png:  # shards made by an earlier run without --png (or whose PNG writes were cut off)
+        for start, end in mine:
+            if (start, end) in done and not all(os.path.isfile(os.path.join(png_dir, f"{i:06d}.png"))
+                                                for i in range(start, end)):
+                with np.load(done[(start, end)]) as z:
+                    write_pngs(z["arr_0"], start, png_dir)
+    sample_seconds = time.time() - t_sample
+    env.barrier()
+    if env.is_main:
+        bar.n = a.num_fid_samples
+        bar.refresh()
     bar.close()
-    os.makedirs(a.sample_dir, exist_ok=True)
-    write_npz(np.concatenate(chunks), folder + ".npz")
-    print(f"wrote {a.num_fid_samples} samples to {folder}.npz" + (f" and {folder}/" if a.png else ""))
+    if not env.is_main:
+        return 0
+
+    arr = assemble_shards(shard_dir, plan)
+    write_npz(arr, npz_path)
+    report = {
+        "samples": os.path.abspath(npz_path), "num_samples": int(arr.shape[0]), "image_shape": list(arr.shape[1:]),
+        "png_dir": os.path.abspath(png_dir) if a.png else None,
+        "settings": {**settings, "world_size": env.world_size, "device": str(device),
+                     "compile": use_compile, "kernels": a.kernels, "tf32": a.tf32,
+                     "torch": torch.__version__},
+        "timing": {"sample_seconds_rank0": round(sample_seconds, 3),
+                   "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done},
+    }
+    print(f"wrote {arr.shape[0]} samples to {npz_path}" + (f" and {png_dir}/" if a.png else ""), flush=True)
+    if a.ref is not None:
+        from fastrepa.eval.cli import main as eval_main
+        ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception, "--batch-size",
+                        str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method])
+        report["metrics"] = {k: ev[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}
+        report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
+    report["timing"]["total_seconds"] = round(time.time() - t0, 3)
+    report_path = os.path.join(a.sample_dir, "generate.json")
+    _write_json(report_path, report)
+    print(f"wrote {report_path}", flush=True)
     return 0
 
 

@@ -2,8 +2,12 @@
 run a sampler, decode, and write PNGs and the ADM-style .npz (arr_0 uint8 [N, H, W, 3]).
 
 Sample i's initial noise and class label come from a generator seeded by (seed, i), so a sample does
-not depend on the batch it falls in.
+not depend on the batch it falls in. The global batches are fixed by (N, batch size) alone
+(`batch_plan`) and dealt round-robin to the processes (`rank_batches`); the SDE's per-step noise is
+seeded by (seed, batch start), so SDE samples depend on the batch size but never on the number of
+processes. Each batch is written as one shard file (`write_shard`, atomic), which makes runs resumable.
 """
+import contextlib
 import os
 import re
 
@@ -65,36 +69,139 @@ def noise_and_labels(indices, shape, num_classes: int, seed: int, device):
     return torch.stack(zs).to(device), torch.tensor(ys, device=device)
 
 
+def batch_plan(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """The global batches [(start, end)] covering indices 0..num_samples-1; fixed by (N, batch size) only,
+    so every process count sees the same batches (the SDE noise of a batch is seeded by its start)."""
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be >= 1")
+    return [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
+
+
+def rank_batches(plan, rank: int, world_size: int):
+    """Rank r's share of the global batches: r, r + W, r + 2W, ... (deterministic, balanced)."""
+    return plan[rank::world_size]
+
+
+@torch.no_grad()
+def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str = "ode", num_steps: int = 50,
+                 cfg_scale: float = 1.5, guidance_low: float = 0.0, guidance_high: float = 1.0,
+                 heun: bool = False, path_type: str = "linear", seed: int = 0, latents_scale: float = 0.18215,
+                 latents_bias: float = 0.0, device=None, velocity=None, autocast_dtype=None) -> torch.Tensor:
+    """uint8 images [end - start, H, W, 3] of sample indices start..end-1.
+
+    The batch always holds `batch_size` indices (start..start+batch_size-1): a short last batch is
+    over-sampled with the following indices (each with its own seeded noise and label, so nothing is
+    biased) and truncated, as REPA does; the shapes stay static for torch.compile. `velocity` replaces
+    `model.velocity` (e.g. its torch.compile'd version); `autocast_dtype` (e.g. torch.bfloat16) runs the
+    model and the VAE decode under autocast on the device.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+    if not 0 <= start < end <= start + batch_size:
+        raise ValueError(f"batch [{start}, {end}) does not fit batch_size={batch_size}")
+    device = device or next(model.parameters()).device
+    device = torch.device(device)
+    velocity = velocity or model.velocity
+    size, ch = model.x_embedder.grid_size * model.patch_size, model.in_channels
+    dtype = next(model.parameters()).dtype
+    z, y = noise_and_labels(range(start, start + batch_size), (ch, size, size), model.num_classes, seed, device)
+    kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low,
+                  guidance_high=guidance_high, path_type=path_type, null_class=model.num_classes)
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with amp:
+        if mode == "ode":
+            x = euler_sampler(velocity, z.to(dtype), y, heun=heun, **kwargs)
+        else:
+            g = torch.Generator().manual_seed(step_seed(seed, 1, start))
+            x = euler_maruyama_sampler(velocity, z.to(dtype), y, generator=g, **kwargs)
+        images = decode_to_uint8(vae, x[: end - start].float(), latents_scale, latents_bias)
+    return images
+
+
 @torch.no_grad()
 def generate(model, vae, *, num_samples: int, batch_size: int, mode: str = "ode", num_steps: int = 50,
              cfg_scale: float = 1.5, guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False,
              path_type: str = "linear", seed: int = 0, latents_scale: float = 0.18215, latents_bias: float = 0.0,
-             device=None, progress=None):
-    """Yield (first index, uint8 images [n, H, W, 3]) batch by batch for indices 0..num_samples-1."""
+             device=None, progress=None, batches=None, velocity=None, autocast_dtype=None):
+    """Yield (first index, uint8 images [n, H, W, 3]) batch by batch for indices 0..num_samples-1
+    (or for the given `batches`, a subset of batch_plan(num_samples, batch_size))."""
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
-    device = device or next(model.parameters()).device
-    size, ch = model.x_embedder.grid_size * model.patch_size, model.in_channels
-    dtype = next(model.parameters()).dtype
-    for start in range(0, num_samples, batch_size):
-        idx = range(start, min(start + batch_size, num_samples))
-        z, y = noise_and_labels(idx, (ch, size, size), model.num_classes, seed, device)
-        kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low,
-                      guidance_high=guidance_high, path_type=path_type, null_class=model.num_classes)
-        if mode == "ode":
-            x = euler_sampler(model.velocity, z.to(dtype), y, heun=heun, **kwargs)
-        else:
-            g = torch.Generator().manual_seed(step_seed(seed, 1, start))
-            x = euler_maruyama_sampler(model.velocity, z.to(dtype), y, generator=g, **kwargs)
-        images = decode_to_uint8(vae, x.float(), latents_scale, latents_bias)
+    for start, end in (batch_plan(num_samples, batch_size) if batches is None else batches):
+        images = sample_batch(model, vae, start, end, batch_size=batch_size, mode=mode, num_steps=num_steps,
+                              cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+                              heun=heun, path_type=path_type, seed=seed, latents_scale=latents_scale,
+                              latents_bias=latents_bias, device=device, velocity=velocity,
+                              autocast_dtype=autocast_dtype)
         if progress is not None:
-            progress.update(len(idx))
+            progress.update(end - start)
         yield start, images
+
+
+# ---------------------------------------------------------------- resumable shards
+
+SHARD_RE = re.compile(r"shard-(\d{7,})-(\d{7,})\.npz")
+
+
+def shard_path(folder: str, start: int, end: int) -> str:
+    return os.path.join(folder, f"shard-{start:07d}-{end:07d}.npz")
+
+
+def write_shard(folder: str, start: int, end: int, images) -> str:
+    """Samples start..end-1 as arr_0 uint8 [n, H, W, 3], written atomically (temp file + os.replace):
+    a shard file is complete or absent."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != end - start:
+        raise ValueError(f"shard [{start}, {end}): expected uint8 [{end - start}, H, W, 3], got "
+                         f"{images.dtype} {images.shape}")
+    os.makedirs(folder, exist_ok=True)
+    path = shard_path(folder, start, end)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, arr_0=images)
+    os.replace(tmp, path)
+    return path
+
+
+def list_shards(folder: str) -> dict[tuple[int, int], str]:
+    """{(start, end): path} of the complete shard files in `folder` (temp files are ignored)."""
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for name in os.listdir(folder):
+        m = SHARD_RE.fullmatch(name)
+        if m:
+            out[(int(m.group(1)), int(m.group(2)))] = os.path.join(folder, name)
+    return out
+
+
+def assemble_shards(folder: str, plan) -> np.ndarray:
+    """arr_0 uint8 [N, H, W, 3] in index order from the shards of `plan`; errors name what is missing or
+    wrong."""
+    have = list_shards(folder)
+    missing = [b for b in plan if b not in have]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} shard(s) missing, first {shard_path(folder, *missing[0])}")
+    chunks = []
+    for start, end in plan:
+        path = have[(start, end)]
+        try:
+            with np.load(path) as z:
+                arr = z["arr_0"]
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise ValueError(f"cannot read shard {path}: {e} (delete it and rerun to regenerate it)") from None
+        if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != end - start:
+            raise ValueError(f"shard {path}: expected uint8 [{end - start}, H, W, 3], got {arr.dtype} {arr.shape} "
+                             "(delete it and rerun to regenerate it)")
+        if chunks and arr.shape[1:] != chunks[0].shape[1:]:
+            raise ValueError(f"shard {path}: image shape {arr.shape[1:]} differs from {chunks[0].shape[1:]}")
+        chunks.append(arr)
+    return np.concatenate(chunks)
 
 
 def write_pngs(images: torch.Tensor, start: int, folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    for j, img in enumerate(images.numpy()):
+    for j, img in enumerate(np.asarray(images)):
         Image.fromarray(img).save(os.path.join(folder, f"{start + j:06d}.png"))
 
 

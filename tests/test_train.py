@@ -84,7 +84,7 @@ def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):
 def test_generate_writes_npz_and_pngs(tmp_path, data16, mode):
     report = train(cfg(tmp_path, data16, exp_name="g", max_train_steps=3))
     out = tmp_path / "samples"
-    common = ["--ckpt", report["checkpoint"], "--num-fid-samples", "5", "--mode", mode, "--num-steps", "3",
+    common = ["--png", "--ckpt", report["checkpoint"], "--num-fid-samples", "5", "--mode", mode, "--num-steps", "3",
               "--cfg-scale", "2.0"]
     assert generate_cli.main(common + ["--sample-dir", str(out), "--per-proc-batch-size", "2"]) == 0
     npz = [p for p in out.iterdir() if p.suffix == ".npz"]
