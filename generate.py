@@ -199,7 +199,9 @@ def _run(parser, a, env, inception) -> int:
 
     # What defines the samples: a rerun in the same --sample-dir must match all of it to reuse shards.
     settings = {
-        "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt), "weights": a.weights,
+        "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt),
+        # a checkpoint retrained at the same path is another run: its mtime tells
+        "ckpt_mtime_ns": os.stat(a.ckpt).st_mtime_ns, "weights": a.weights,
         "model": model_name, "model_overrides": {k: v for k, v in overrides.items() if v is not None and k != "kernels"},
         "latent_size": size, "vae": vae_name, "latents_scale": latents_scale, "latents_bias": latents_bias,
         "mode": a.mode, "num_steps": a.num_steps, "heun": a.heun, "cfg_scale": a.cfg_scale,

@@ -12,7 +12,7 @@ PYTHON=${PYTHON:-python3}
 "$VENV/bin/python" train.py --preset demo "$@"
 ckpt=$(ls runs/demo/checkpoints/*.pt | sort | tail -n 1)
 "$VENV/bin/python" generate.py --ckpt "$ckpt" --sample-dir runs/demo/fid-samples --num-fid-samples 100 \
-    --per-proc-batch-size 50 --mode sde --num-steps 50 --cfg-scale 1.8 --guidance-high 0.7 --no-png
+    --per-proc-batch-size 50 --mode sde --num-steps 50 --cfg-scale 1.8 --guidance-high 0.7 --no-png --overwrite
 echo
 cat runs/demo/report.md
 echo "sample grid: $(ls runs/demo/samples/*.png | sort | tail -n 1)"
