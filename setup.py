@@ -26,6 +26,7 @@ setup(
         "tqdm",
         "safetensors",
         "diffusers",  # fastrepa.vae: the SD-VAE (AutoencoderKL), loaded from local files only
+        "torchvision",  # fastrepa.eval: the Inception-v3 building blocks of the FID network
         "scipy",  # fastrepa.eval: the matrix square root of the Fréchet distance
     ],
     extras_require={
