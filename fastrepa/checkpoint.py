@@ -64,6 +64,23 @@ def normalize_keys(state_dict: dict, encoder_depth: int) -> dict:
     return sd
 
 
+def raise_on_mismatch(headline: str, missing, unexpected, shapes) -> None:
+    """Raise a CheckpointError listing every missing / unexpected key and shape mismatch (if any)."""
+    if not (missing or unexpected or shapes):
+        return
+
+    def show(items):
+        return ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+    parts = [headline]
+    if missing:
+        parts.append(f"missing keys: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {show(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {show(shapes)}")
+    raise CheckpointError("; ".join(parts))
+
+
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
     """Strict load that lists every missing, unexpected and mis-shaped key in one error."""
     sd = normalize_keys(state_dict, getattr(model, "encoder_depth", 0))
@@ -72,17 +89,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkp
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def show(items):
-            return ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-        parts = [f"{source} does not match the model"]
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {show(shapes)}")
-        raise CheckpointError("; ".join(parts))
+    raise_on_mismatch(f"{source} does not match the model", missing, unexpected, shapes)
     model.load_state_dict(sd, strict=True)
 
 
