@@ -35,6 +35,7 @@ setup(
         # Optional attention backends: CUDA only, skipped cleanly without it.
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-benchmark", "scipy"],
+        # timm: the tests check our pos-embed resampling against timm's, which official REPA calls.
+        "dev": ["pytest", "pytest-benchmark", "scipy", "timm"],
     },
 )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import fastrepa.encoders as E
 from fastrepa.encoders import check_grid, load_encoder, load_encoders
 
-timm_pos = pytest.importorskip("timm.layers.pos_embed")
+import timm.layers.pos_embed as timm_pos  # noqa: E402  (the independent reference REPA itself calls; dev extra)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
