@@ -2,8 +2,10 @@
 
     python train.py --preset demo                       # the embedded demo (CPU or GPU, minutes)
     python train.py --model SiT-XL/2 --enc-type dinov2-vit-b --exp-name run --data-dir data/imagenet256
+    torchrun --nproc_per_node=8 train.py --model SiT-XL/2 ... # FSDP2 (default) / --parallel ddp
 """
 import json
+import os
 import sys
 
 from fastrepa.config import ConfigError, build_parser, from_args, to_flat
@@ -16,11 +18,21 @@ def main(argv=None) -> int:
         cfg = from_args(args)
     except ConfigError as e:
         parser.error(str(e))
+    from fastrepa.distributed import teardown
     from fastrepa.train import train  # heavy imports after the flags are known to be good
 
-    print(json.dumps(to_flat(cfg), indent=None))
-    report = train(cfg)
-    print("\n".join(f"{k}: {v}" for k, v in report.items()))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if cfg.dry_run:
+        train(cfg)  # prints the config and the counts
+        return 0
+    if rank0:
+        print(json.dumps(to_flat(cfg), indent=None), flush=True)
+    try:
+        report = train(cfg)
+    finally:
+        teardown()
+    if rank0:
+        print("\n".join(f"{k}: {v}" for k, v in report.items()), flush=True)
     return 0
 
 

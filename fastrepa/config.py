@@ -18,6 +18,7 @@ from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PARALLELS = ("fsdp", "ddp", "none")
 VAES = ("ema", "mse", "identity")  # or a local diffusers AutoencoderKL folder / a cached HF repo id
 
 
@@ -141,7 +142,8 @@ class TrainConfig:
     logging_dir: str = flag("logs", "accepted for compatibility (metrics go to the experiment folder)")
     report_to: str = flag("none", "extra metrics sink: none (metrics.jsonl always), wandb, tensorboard")
     sampling_steps: int = flag(10000, "write a sample grid from the EMA model every N steps")
-    resume_step: int = flag(0, "resume from checkpoints/<step>.pt (0: start fresh)")
+    resume_step: int = flag(0, "resume from the checkpoint of this step in OUTPUT_DIR/EXP_NAME/checkpoints "
+                               "(0: the newest complete one there, if any; else start fresh)")
     batch_size: int = flag(256, "global batch size")
     epochs: int = flag(1400, "upper bound on epochs (training stops at whichever limit comes first)")
     max_train_steps: int = flag(400000, "optimizer steps to train")
@@ -153,6 +155,12 @@ class TrainConfig:
     log_every: int = flag(100, "write a metrics line every N steps")
     sample_cfg_scale: float = flag(4.0, "CFG scale of the periodic sample grids")
     sample_num_steps: int = flag(50, "Euler steps of the periodic sample grids")
+    parallel: str = flag("fsdp", "data parallelism under torchrun: fsdp (FSDP2 fully_shard per block, then the "
+                                 "root), ddp, or none; a single process always runs plain", choices=PARALLELS)
+    keep_last: int | None = flag(None, "keep only the K newest complete checkpoints (default: keep all)")
+    compile: bool = flag(False, "torch.compile each SiT block in place before wrapping (no _orig_mod. keys)")
+    activation_checkpointing: bool = flag(False, "recompute each SiT block's activations in the backward pass")
+    dry_run: bool = flag(False, "print the resolved config, parameter and FLOP counts, and exit (reads no data)")
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +173,9 @@ class TrainConfig:
         for name in ("batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
                      "sampling_steps", "epochs", "log_every", "sample_num_steps"):
             _need(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")
+        _need(self.parallel in PARALLELS, "parallel", self.parallel, f"one of {PARALLELS}")
+        _need(self.keep_last is None or self.keep_last >= 1, "keep_last", self.keep_last,
+              "an integer >= 1 (or leave it out to keep every checkpoint)")
         _need(self.resume_step >= 0, "resume_step", self.resume_step, "a step >= 0")
         _need(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", self.mixed_precision,
               f"one of {MIXED_PRECISIONS}")

@@ -9,6 +9,7 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m venv --clear "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e .
 "$VENV/bin/python" -m fastrepa.data.synthetic --out runs/demo-data --num-images 2000
+rm -rf runs/demo  # a fresh run: train.py would otherwise resume from the last demo's checkpoints
 "$VENV/bin/python" train.py --preset demo "$@"
 ckpt=$(ls runs/demo/checkpoints/*.pt | sort | tail -n 1)
 "$VENV/bin/python" generate.py --ckpt "$ckpt" --sample-dir runs/demo/fid-samples --num-fid-samples 100 \

@@ -71,8 +71,10 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     monkeypatch.setattr(loop, "repa_loss", poisoned)
     with pytest.raises(NonFiniteError, match="step 4"):
         train(cfg(tmp_path, data16, exp_name="nan"))
-    # the checkpoint of step 3 is intact
-    assert load_checkpoint_file(str(tmp_path / "nan" / "checkpoints" / "0000003.pt"))["steps"] == 3
+    # the checkpoint of step 3 is intact and is the newest one
+    from fastrepa.train import checkpointing as C
+    step, path = C.latest(str(tmp_path / "nan" / "checkpoints"))
+    assert step == 3 and C.read_extra(path)["step"] == 3
 
 
 def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):

@@ -1,7 +1,11 @@
-"""Exponential moving average of the weights (every parameter, pos_embed included, as official REPA)."""
+"""Exponential moving average of the weights (every parameter, pos_embed included, as official REPA).
+
+Under FSDP2 the EMA module is sharded exactly like the model (fastrepa.train.parallel.shard), so the
+update runs on the local fp32 shards with one foreach op and no communication."""
 import copy
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def make_ema(model: torch.nn.Module) -> torch.nn.Module:
@@ -11,9 +15,13 @@ def make_ema(model: torch.nn.Module) -> torch.nn.Module:
     return ema.eval()
 
 
+def _local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema = decay * ema + (1 - decay) * model, over all parameters, with one foreach op."""
-    ema_params = list(ema.parameters())
-    params = [p.detach() for p in model.parameters()]
+    ema_params = [_local(p) for p in ema.parameters()]
+    params = [_local(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)

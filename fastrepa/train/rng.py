@@ -1,6 +1,14 @@
-"""Per-step random generators: every draw of step s on rank r comes from a generator seeded by (seed, r, s)."""
+"""Per-step random generators: every draw of step s on rank r comes from a generator seeded by (seed, r, s).
+
+The trainer goes one step finer: each sample of the global batch has its own generator, seeded by
+(seed, rank-of-the-sample-in-a-1-process-run = 0, step, index in the global batch), so the draws of a
+sample do not depend on how many processes share the batch or on gradient accumulation. That is what
+lets a 2-process FSDP2 run equal the 1-process run, and a run resume on a different number of processes.
+"""
 import numpy as np
 import torch
+
+from fastrepa.objectives.repa import sample_time
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -10,3 +18,28 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """A CPU generator; draws are made on the CPU and moved, so they are identical on every device."""
     return torch.Generator().manual_seed(step_seed(seed, rank, step))
+
+
+_SAMPLE_TAG = 0x5A3  # keeps the per-sample streams apart from step_seed(seed, rank, step) streams
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator of sample `index` (0-based, in the global batch) of step `step`."""
+    state = np.random.SeedSequence([seed, _SAMPLE_TAG, step, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> 1))
+
+
+def draw_step(seed: int, step: int, first: int, n: int, latent_shape, *, weighting: str, path_type: str,
+              drop_prob: float):
+    """The random draws of samples first..first+n-1 of `step`, on the CPU, in a fixed order per sample:
+    posterior noise (latent_shape), time, interpolant noise (latent_shape), label-drop coin.
+
+    Returns (eps [n, *latent_shape], time [n], noise [n, *latent_shape], drop [n] long)."""
+    eps, time, noise, drop = [], [], [], []
+    for i in range(first, first + n):
+        g = sample_generator(seed, step, i)
+        eps.append(torch.randn(latent_shape, generator=g))
+        time.append(sample_time(1, weighting, path_type, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        drop.append(torch.rand(1, generator=g) < drop_prob)
+    return torch.stack(eps), torch.cat(time), torch.stack(noise), torch.cat(drop).long()

@@ -1,0 +1,65 @@
+"""Parameter and FLOP counts from the config alone (no weights, no data): what `--dry-run` prints.
+
+FLOPs are 2 x the multiply-accumulates of the matmuls (linear layers, patch embedding, attention scores
+and attention-weighted values); elementwise ops, norms and softmax are not counted. A training step costs
+3 x the SiT forward (forward + backward) plus one forward of each frozen encoder.
+SiT-XL/2 + DINOv2-B at 256px: ~237 GFLOP SiT forward, ~770 GFLOP per trained image.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrepa.encoders import _CLIP, _DINOV1, _DINOV2, _JEPA, _MAE, _MOCOV3
+
+_FAMILIES = {"dinov2": (_DINOV2, 14, 224), "dinov1": (_DINOV1, 16, 224), "mocov3": (_MOCOV3, 16, 224),
+             "mae": (_MAE, 16, 224), "jepa": (_JEPA, 14, 224), "clip": (_CLIP, 14, 224)}
+
+
+def encoder_dims(name: str, resolution: int, grid: int) -> tuple[int, int]:
+    """(embed_dim, forward FLOPs per image) of an encoder, from its name alone."""
+    if name == "patch-pixels":
+        return 3 * (resolution // grid) ** 2, 0
+    family, _, size = name.split("-")[:3]
+    table, patch, res = _FAMILIES[family]
+    width, depth = table[size][0], table[size][1]
+    tokens = (res // patch) ** 2 + 1
+    macs = depth * (12 * tokens * width * width + 2 * tokens * tokens * width) + tokens * 3 * patch * patch * width
+    return width, 2 * macs
+
+
+def sit_forward_flops(model) -> int:
+    """2 x MACs of one SiT forward of one image (projectors included)."""
+    d, t = model.hidden_size if hasattr(model, "hidden_size") else model.pos_embed.shape[-1], model.pos_embed.shape[1]
+    p, c = model.patch_size, model.in_channels
+    macs = t * c * p * p * d  # patch embedding
+    macs += sum(m.in_features * m.out_features for m in model.t_embedder.modules() if isinstance(m, torch.nn.Linear))
+    for block in model.blocks:
+        mlp_hidden = block.mlp.fc1.out_features
+        macs += d * 6 * d  # adaLN (per image, not per token)
+        macs += t * (3 * d * d + d * d + 2 * d * mlp_hidden)  # qkv, proj, fc1, fc2
+        macs += 2 * t * t * d  # q k^T and attn @ v
+    macs += d * 2 * d + t * d * model.final_layer.linear.out_features
+    for proj in model.projectors:
+        macs += t * sum(m.in_features * m.out_features for m in proj if isinstance(m, torch.nn.Linear))
+    return 2 * macs
+
+
+def counts(cfg) -> dict:
+    """Parameter and FLOP counts of the configured model, built on the meta device."""
+    from fastrepa.models import build_model, model_kwargs
+    overrides = cfg.model_overrides()
+    kw = model_kwargs(cfg.model.model, **overrides)
+    grid = overrides["input_size"] // kw["patch_size"]
+    encs = {e: encoder_dims(e, cfg.data.resolution, grid) for e in cfg.objective.encoders}
+    with torch.device("meta"):
+        model = build_model(cfg.model.model, z_dims=[d for d, _ in encs.values()], **overrides)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fwd = sit_forward_flops(model)
+    enc_flops = sum(f for _, f in encs.values())
+    return {"params": params, "trainable_params": trainable,
+            "projector_params": sum(p.numel() for p in model.projectors.parameters()),
+            "sit_forward_gflop_per_image": round(fwd / 1e9, 3),
+            "encoder_forward_gflop_per_image": round(enc_flops / 1e9, 3),
+            "train_gflop_per_image": round((3 * fwd + enc_flops) / 1e9, 3),
+            "train_gflop_per_step": round((3 * fwd + enc_flops) * cfg.batch_size / 1e9, 3)}

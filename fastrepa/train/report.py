@@ -1,0 +1,80 @@
+"""Rank-0 outputs of a run: metrics.jsonl (resume-consistent), report.json / report.md, and --dry-run."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+
+class MetricsLog:
+    """Windowed metrics, one JSON line per logged step. On resume from step S the lines of steps > S (written
+    by a run that died after its last checkpoint) are dropped, so the file reads like one uninterrupted run."""
+
+    def __init__(self, path: str, resume_step: int = 0):
+        self.path = path
+        rows = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut short by a crash
+                        continue
+                    if row.get("step", 0) <= resume_step:
+                        rows.append(line if line.endswith("\n") else line + "\n")
+            with open(path, "w") as f:
+                f.writelines(rows)
+        self.file = open(path, "a")
+        self.history: list[dict] = []
+        self._new_window()
+
+    def _new_window(self):
+        self.window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0}
+
+    def add(self, step, batch, denoise, proj, grad_norm, lr, write: bool):
+        """Accumulate one step (tensors stay on the device); returns the row when `write`."""
+        w = self.window
+        w["loss"] += denoise.detach()  # as official REPA logs it: the denoising loss alone
+        w["proj_loss"] += proj.detach()
+        w["grad_norm"] += grad_norm.detach()
+        w["n"] += 1
+        w["images"] += batch
+        if not write:
+            return None
+        dt = time.time() - w["t"]
+        row = {"step": step, "images": step * batch, "loss": float(w["loss"]) / w["n"],
+               "proj_loss": float(w["proj_loss"]) / w["n"], "grad_norm": float(w["grad_norm"]) / w["n"],
+               "lr": lr, "images_per_s": w["images"] / max(dt, 1e-9)}
+        self.history.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self._new_window()
+        return row
+
+    def summary(self) -> dict:
+        h = self.history
+        return {"first_loss": h[0]["loss"] if h else None, "last_loss": h[-1]["loss"] if h else None,
+                "first_proj_loss": h[0]["proj_loss"] if h else None,
+                "last_proj_loss": h[-1]["proj_loss"] if h else None}
+
+    def close(self):
+        self.file.close()
+
+
+def write_report(report: dict, exp_dir: str) -> None:
+    with open(os.path.join(exp_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["# fastrepa training report", ""] + [f"- {k}: {v}" for k, v in report.items()]
+    with open(os.path.join(exp_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def dry_run(cfg) -> dict:
+    """The resolved config and the parameter / FLOP counts, printed; nothing is read or written."""
+    from fastrepa.config import to_flat
+    from fastrepa.train.flops import counts
+    out = {"dry_run": True, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **counts(cfg)}
+    print(json.dumps({"config": to_flat(cfg), **out}, indent=1), flush=True)
+    return out

@@ -1,0 +1,168 @@
+"""The trainer under torchrun on CPU processes (gloo): FSDP2 equals one process, exact kill-and-rerun,
+2 -> 1 resume, SIGTERM preemption, the exported .pt, --dry-run."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train as train_cli
+from fastrepa.config import from_flat
+from fastrepa.generation import model_from_checkpoint
+from fastrepa.train import checkpointing as C
+from fastrepa.train import train
+from fastrepa.train.loop import TEST_EXIT_ENV, TEST_SIGNAL_ENV
+from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = dict(TINY_RUN, max_train_steps=6, checkpointing_steps=2, sampling_steps=100, exp_name="run")
+
+
+def fsdp2_works_on_cpu():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+    except ImportError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not fsdp2_works_on_cpu(), reason="needs torch.distributed with gloo and FSDP2")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flags(out, data_dir, **kw):
+    values = {**RUN, "data_dir": data_dir, "output_dir": str(out), **kw}
+    argv = []
+    for k, v in values.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def launch(argv, nproc=2, env_extra=None, timeout=150):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    for k in (TEST_EXIT_ENV, TEST_SIGNAL_ENV, C.TEST_CRASH_ENV):
+        if k not in (env_extra or {}):
+            env.pop(k, None)
+    if nproc == 1:
+        cmd = [sys.executable, "train.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py"]
+    return subprocess.run(cmd + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data16):  # noqa: F811
+    """One process in-process, 2-process FSDP2 uninterrupted, 2-process killed after step 5 (checkpoint 4)."""
+    base = tmp_path_factory.mktemp("dist")
+    single = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(base / "single")}))
+    ok(launch(flags(base / "fsdp", data16)))
+    killed = launch(flags(base / "killed", data16), env_extra={TEST_EXIT_ENV: "5"})
+    assert killed.returncode != 0
+    shutil.copytree(base / "killed", base / "killed_copy")  # for the 2 -> 1 resume
+    return {"base": base, "single": single, "data": data16}
+
+
+def test_fsdp2_two_processes_equal_one(runs):
+    one = losses(runs["single"]["exp_dir"])
+    two = losses(str(runs["base"] / "fsdp" / "run"))
+    assert len(one) == len(two) == 6
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    rep = json.load(open(runs["base"] / "fsdp" / "run" / "report.json"))
+    assert rep["world_size"] == 2 and rep["parallel"] == "fsdp"
+    step, path = C.latest(str(runs["base"] / "fsdp" / "run" / "checkpoints"))
+    files = json.load(open(os.path.join(path, "COMMITTED")))["files"]
+    assert {"model/__0_0.distcp", "model/__1_0.distcp", "ema/__1_0.distcp"} <= set(files)  # really sharded
+    # the EMA (sharded fp32, updated on the local shards) ends where the single process's does
+    a = torch.load(runs["single"]["checkpoint"], weights_only=True)["ema"]
+    b = torch.load(str(runs["base"] / "fsdp" / "run" / "checkpoints" / "0000006.pt"), weights_only=True)["ema"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kill_and_rerun_is_bit_identical(runs):
+    exp = runs["base"] / "killed" / "run"
+    assert C.latest(str(exp / "checkpoints"))[0] == 4
+    assert len(losses(str(exp))) == 5  # step 5 was logged, then the run died before its checkpoint
+    r = ok(launch(flags(runs["base"] / "killed", runs["data"])))
+    assert "resuming from" in r.stdout and "step 4" in r.stdout
+    assert losses(str(exp)) == losses(str(runs["base"] / "fsdp" / "run"))  # bit-identical, 6 rows
+
+
+def test_resume_two_processes_onto_one(runs):
+    exp = runs["base"] / "killed_copy" / "run"
+    report = train(from_flat({**RUN, "data_dir": runs["data"], "output_dir": str(runs["base"] / "killed_copy")}))
+    assert report["resumed_from"] == 4 and report["steps"] == 6
+    ref = losses(str(runs["base"] / "fsdp" / "run"))
+    got = losses(str(exp))
+    assert got[:4] == ref[:4]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_exported_pt_and_safetensors_load_strict(runs):
+    ckpt_dir = runs["base"] / "fsdp" / "run" / "checkpoints"
+    model, args = model_from_checkpoint(str(ckpt_dir / "0000006.pt"))
+    assert args["hidden_size"] == 32 and args["parallel"] == "fsdp"
+    ck = torch.load(ckpt_dir / "0000006.pt", weights_only=True)
+    assert set(ck) == {"model", "ema", "opt", "args", "steps"} and ck["steps"] == 6
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ck["ema"][k]), k
+    from safetensors.torch import load_file
+    sd = load_file(str(ckpt_dir / "ema-0000006.safetensors"))
+    assert set(sd) == set(ck["ema"]) and all(torch.equal(sd[k], ck["ema"][k]) for k in sd)
+    assert sorted(s for s, _ in C.list_complete(str(ckpt_dir))) == [2, 4, 6]
+
+
+def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noqa: F811
+    # rank 0 alone gets the signal during step 2; both ranks agree, finish it, checkpoint, exit 0
+    r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), env_extra={TEST_SIGNAL_ENV: "1"}))
+    assert "SIGTERM: stopped after step 2" in r.stdout
+    ckpts = str(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in C.list_complete(ckpts)] == [2]
+    assert not any(n.endswith(".pt") for n in os.listdir(ckpts))  # not the end of training: no export
+    assert json.load(open(tmp_path / "run" / "report.json"))["stopped_by"] == "SIGTERM"
+
+
+def test_sigterm_one_process_and_keep_last(tmp_path, data16, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "4")
+    report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
+    assert report["stopped_by"] == "SIGTERM" and report["steps"] == 5
+    assert [s for s, _ in C.list_complete(str(tmp_path / "run" / "checkpoints"))] == [5]
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
+    assert report["resumed_from"] == 5 and report["steps"] == 6
+
+
+def test_kill_and_rerun_one_process(tmp_path, data16):  # noqa: F811
+    full = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path / "full")}))
+    assert launch(flags(tmp_path / "k", data16), nproc=1, env_extra={TEST_EXIT_ENV: "3"}).returncode == 3
+    rerun = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path / "k")}))
+    assert rerun["resumed_from"] == 2
+    assert losses(str(tmp_path / "k" / "run")) == losses(full["exp_dir"])
+
+
+def test_dry_run_prints_counts_and_writes_nothing(tmp_path, capsys):
+    assert train_cli.main(["--preset", "demo", "--dry-run", "--output-dir", str(tmp_path / "o"),
+                           "--data-dir", str(tmp_path / "missing")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"] > 0 and out["train_gflop_per_image"] > 0 and out["config"]["model"] == "SiT-S/4"
+    assert not (tmp_path / "o").exists()
+    # SiT-XL/2 + DINOv2-B: ~770 GFLOP per trained image (DESIGN.md)
+    train_cli.main(["--exp-name", "x", "--dry-run"])
+    xl = json.loads(capsys.readouterr().out)
+    assert 740 < xl["train_gflop_per_image"] < 800 and 670e6 < xl["params"] < 700e6
