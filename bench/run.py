@@ -18,15 +18,20 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 import kernels_suite  # noqa: E402
+import sample_suite  # noqa: E402
 
 SUITES = {
     "kernels": kernels_suite.run,
+    "sample": sample_suite.run,
 }
 PLANNED = {
     "train": "issue 4: train-step throughput and MFU",
     "data": "issue 5: data loader throughput",
     "sample": "issue 6: sampler throughput",
 }
+# Fields run.py adds to every suite's result unless the suite set them itself (the sample suite times
+# multi-step calls with its own repeat counts).
+SUITE_MAY_SET = ("repeats", "warmup", "timer")
 CHOICES = [*SUITES, *[p for p in PLANNED if p not in SUITES], "all"]
 
 
@@ -50,6 +55,16 @@ def _positive(text):
     return n
 
 
+def _non_negative(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,12 +77,22 @@ def build_parser():
     p.add_argument("--ops", default=None,
                    help=f"comma list of kernel ops to run (default all: {','.join(kernels_suite.OPS)})")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
-                   help="comma list of batch sizes (default 32,128 on CUDA, 1 on the CPU, 2 with --quick)")
+                   help="comma list of batch sizes (kernels: default 32,128 on CUDA, 1 on the CPU; sample: "
+                        f"default {','.join(map(str, sample_suite.CUDA_BATCH_SIZES))} on CUDA, "
+                        f"{','.join(map(str, sample_suite.CPU_BATCH_SIZES))} on the CPU; 2 with --quick)")
+    p.add_argument("--model", default=None,
+                   help=f"sample suite: the model, random weights (default {sample_suite.CUDA_MODEL} on CUDA, "
+                        f"{sample_suite.CPU_MODEL} on the CPU; --quick shrinks it to a tiny width)")
+    p.add_argument("--variants", default=None,
+                   help=f"sample suite: comma list of variants (default all: {','.join(sample_suite.VARIANTS)})")
+    p.add_argument("--validate-steps", type=_non_negative, default=None,
+                   help="sample suite: steps of the whole sample_batch run that checks the estimate (default 25 "
+                        "on CUDA, 10 on the CPU, 3 with --quick; 250 = the full protocol; 0 = skip it)")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default=None,
                    help="data type of the inputs (default bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--repeats", type=_positive, default=None,
-                   help="timed calls per row, the median is reported (default 100 on CUDA, 5 on the CPU, "
-                        "3 with --quick)")
+                   help="timed calls per row, the median is reported (kernels: default 100 on CUDA, 5 on the "
+                        "CPU; sample: 10 on CUDA, 3 on the CPU; 3 with --quick)")
     p.add_argument("--threads", type=_positive, default=None,
                    help="CPU threads for torch (default: torch's own choice); 1 gives steadier CPU timings "
                         "on a machine that other work shares")
@@ -86,6 +111,11 @@ def main(argv=None):
         parser.error(f"suite {args.suite!r} is not built yet ({PLANNED[args.suite]}); suites available now: "
                      f"{', '.join(SUITES)} (or --suite all)")
 
+    if "sample" in names:  # its usage errors before any suite has run
+        try:
+            sample_suite.check_args(args)
+        except common.BenchUsageError as e:
+            parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,12 +134,13 @@ def main(argv=None):
             result = SUITES[name](args, ctx)
         except common.BenchUsageError as e:
             parser.error(str(e))
-        result.update({
+        fields = {
             "suite": name, "command": command, "argv": sys.argv if argv is None else [sys.argv[0], *argv],
             "python_executable": sys.executable, "started": started, "finished": common.now_utc(),
             "env": env, "dtype": ctx.dtype_name, "quick": ctx.quick, "repeats": ctx.repeats,
             "warmup": ctx.warmup, "timer": ctx.timer(), "bandwidth": ctx.bandwidth(), "matmul": ctx.matmul(),
-        })
+        }
+        result.update({k: v for k, v in fields.items() if not (k in SUITE_MAY_SET and k in result)})
         if skipped:
             result["skipped_suites"] = skipped
         results[name] = result

@@ -136,3 +136,102 @@ def test_results_merge_by_suite_and_never_overwrite(tmp_path):
     first = json.loads(j1.read_text())["suites"]["kernels"]
     assert first["rows"] == [{"tag": "k1"}] and "| k1" in m1.read_text()
     assert json.loads(j3.read_text())["suites"]["kernels"]["rows"] == [{"tag": "k2"}]
+
+
+# ------------------------------------------------------------------------------------ sample suite
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import sample_suite as ss  # noqa: E402
+
+CUDA_ONLY_VARIANTS = ("compile+triton", "cuda-graphs", "triton+cuda-graphs")
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_sample")
+    proc = _bench("--suite", "sample", "--quick", out=out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jsons, mds = sorted(out.glob("*.json")), sorted(out.glob("*.md"))
+    assert len(jsons) == 1 and len(mds) == 1, sorted(p.name for p in out.iterdir())
+    return proc, json.loads(jsons[0].read_text()), mds[0].read_text()
+
+
+def test_quick_sample_suite_rows(sample_run):
+    proc, doc, md = sample_run
+    suite = doc["suites"]["sample"]
+    assert suite["dtype"] == "fp32" and suite["quick"] is True
+    assert suite["reduced"] is True and "--quick" in suite["reduced_reason"]
+    # the suite's own repeat counts reach the file (run.py does not overwrite them)
+    assert suite["repeats"] == 3 and suite["steps_per_call"] == 2 and "2 sampler steps" in suite["timer"]
+    rows = {r["variant"]: r for r in suite["rows"]}
+    assert set(rows) == set(ss.VARIANTS) and all(r["B"] == 2 for r in rows.values())
+    for name in ("eager", "compile"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["step_ms_cfg"] > 0 and r["step_ms"] > 0 and r["estimate"] is True
+        # 250 steps of linspace(1, 0.04, 250): t_i <= 0.7 from i = 78 on -> 172 guided, 78 not
+        assert (r["steps"], r["guided_steps"], r["unguided_steps"], r["nfe_per_image"]) == (250, 172, 78, 422)
+        batch_s = (172 * r["step_ms_cfg"] + 78 * r["step_ms"]) / 1e3
+        assert r["sample_s_estimate"] == pytest.approx(batch_s, rel=1e-12)
+        assert r["images_per_s_estimate"] == pytest.approx(2 / batch_s, rel=1e-12)
+        batches = math.ceil(50_000 / 2)
+        assert r["batches_50k"] == batches == 25_000
+        assert r["wall_50k_s"]["1"] == pytest.approx(batches * batch_s, rel=1e-12)
+        assert r["wall_50k_s"]["8"] == pytest.approx(math.ceil(batches / 8) * batch_s, rel=1e-12)
+        assert r["wall_50k_h"]["8"] == pytest.approx(r["wall_50k_s"]["8"] / 3600)
+        assert r["flops_per_image_forward"] == ss.velocity_flops_per_image(
+            {"patch_size": 2, "in_channels": 4, "hidden_size": 64, "depth": 2, "input_size": 8, "mlp_ratio": 4.0})
+        assert r["flops_per_image_sample"] == 422 * r["flops_per_image_forward"]
+        assert r["TFLOP_per_s"] == pytest.approx(2 * r["flops_per_image_sample"] / batch_s / 1e12)
+        assert r["mfu_pct"] == pytest.approx(100 * r["TFLOP_per_s"] / suite["matmul"]["TFLOP_per_s"])
+        v = r["validate"]
+        assert (v["num_steps"], v["guided_steps"], v["unguided_steps"]) == (3, 2, 1) and v["measured_s"] > 0
+        assert v["estimated_s"] == pytest.approx((2 * r["step_ms_cfg"] + r["step_ms"]) / 1e3)
+    assert rows["compile"]["compile"] == "default" and rows["compile"]["first_call_s"] > 0
+    assert rows["compile"]["speedup_vs_eager"] == pytest.approx(
+        rows["compile"]["images_per_s_estimate"] / rows["eager"]["images_per_s_estimate"])
+    for name in CUDA_ONLY_VARIANTS:
+        r = rows[name]
+        assert r["status"] == "skipped" and r["step_ms"] is None and r["step_ms_cfg"] is None
+        assert "needs CUDA" in r["reason"]
+    for text in (proc.stdout, md):
+        assert "| eager" in text and "| cuda-graphs" in text and "ESTIMATES" in text and "REDUCED SHAPES" in text
+
+
+def test_suite_all_runs_kernels_and_sample(tmp_path):
+    proc = _bench("--suite", "all", "--quick", "--ops", "layernorm_modulate", "--variants", "eager", out=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "suites not built yet, skipped: train (" in proc.stdout and "data (" in proc.stdout
+    (jpath,) = tmp_path.glob("*.json")
+    suites = json.loads(jpath.read_text())["suites"]
+    assert set(suites) == {"kernels", "sample"}
+    for suite in suites.values():
+        assert [s.split(" ")[0] for s in suite["skipped_suites"]] == ["train", "data"]
+    assert {r["op"] for r in suites["kernels"]["rows"]} == {"layernorm_modulate"}
+    (row,) = suites["sample"]["rows"]
+    assert row["variant"] == "eager" and row["status"] == "ok" and row["step_ms"] > 0
+
+
+def test_sample_flop_model_matches_the_flop_counter():
+    # the math attention backend runs as einsum/bmm, which the counter sees (CPU SDPA it does not)
+    model, kw = ss.build("SiT-S/2", dict(ss.QUICK_OVERRIDES, attn_backend="math"), "torch", torch.device("cpu"))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randint(0, 1000, (3,))
+    with FlopCounterMode(display=False) as counter:
+        model.velocity(x, t, y)
+    assert counter.get_total_flops() == 3 * ss.velocity_flops_per_image(kw)
+    from fastrepa.models import model_kwargs
+    xl = ss.velocity_flops_per_image(model_kwargs("SiT-XL/2"))
+    assert xl == pytest.approx(2 * 118.6e9, rel=1e-3)  # the DiT paper's 118.6 G multiply-adds
+
+
+def test_sample_protocol_counts_and_projection():
+    assert ss.sampler_counts(250, 1.8, 0.0, 0.7) == (172, 78)
+    assert ss.sampler_counts(3, 1.8, 0.0, 0.7) == (2, 1)       # t = 1, 0.52, 0.04
+    assert ss.sampler_counts(4, 1.0, 0.0, 1.0) == (0, 4)       # no CFG at scale 1
+    assert ss.projection_50k(10.0, 256) == {"1": 196 * 10.0, "8": 25 * 10.0}  # 50000/256 -> 196 batches
+    with pytest.raises(common.BenchUsageError, match="unknown variant"):
+        ss._parse_variants("eager,warp-drive")
