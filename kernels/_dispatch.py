@@ -67,6 +67,3 @@ def num_warps_for(block: int) -> int:
     """Warps for a program of `block` elements (the interpreter ignores it)."""
     return min(max(block // 256, 1), 16)
 
-
-def contiguous(*tensors):
-    return tuple(None if t is None else t.contiguous() for t in tensors)

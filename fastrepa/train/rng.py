@@ -1,8 +1,9 @@
-"""Per-step random generators: every draw of step s on rank r comes from a generator seeded by (seed, r, s).
+"""Seeded random streams: `step_seed(seed, stream, step)` (generate.py's per-sample noise and labels),
+and the trainer's per-sample generators.
 
-The trainer goes one step finer: each sample of the global batch has its own generator, seeded by
-(seed, rank-of-the-sample-in-a-1-process-run = 0, step, index in the global batch), so the draws of a
-sample do not depend on how many processes share the batch or on gradient accumulation. That is what
+In training each sample of the global batch has its own generator, seeded by (seed, step, index in the
+global batch), so the draws of a sample do not depend on how many processes share the batch or on
+gradient accumulation. That is what
 lets a 2-process FSDP2 run equal the 1-process run, and a run resume on a different number of processes.
 """
 import numpy as np
@@ -13,11 +14,6 @@ from fastrepa.objectives.repa import sample_time
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator; draws are made on the CPU and moved, so they are identical on every device."""
-    return torch.Generator().manual_seed(step_seed(seed, rank, step))
 
 
 _SAMPLE_TAG = 0x5A3  # keeps the per-sample streams apart from step_seed(seed, rank, step) streams
