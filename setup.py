@@ -36,6 +36,10 @@ setup(
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         # timm: the tests check our pos-embed resampling against timm's, which official REPA calls.
-        "dev": ["pytest", "pytest-benchmark", "scipy", "timm"],
+        # tensorboard: the trainer's default metrics sink when installed (tests read the events back).
+        # nvidia-dali-cuda130: tests/test_dali.py checks DALI's batches against the torch loader's (CPU
+        # pipelines; ~270 MB download, ~650 MB installed, ~30 s); Linux wheels only, the tests skip without it.
+        "dev": ["pytest", "pytest-benchmark", "scipy", "timm", "tensorboard",
+                "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
 )

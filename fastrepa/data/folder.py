@@ -77,6 +77,12 @@ class REPAFolderDataset(Dataset):
         except Exception as e:
             raise ValueError(f"cannot read latent file {path}: {e}") from None
 
+    def describe(self, idx: int, part: str = "moments") -> str:
+        """The file that holds sample idx's image or moments, for error messages."""
+        if part == "image":
+            return os.path.join(self.images_dir, self.image_fnames[idx])
+        return os.path.join(self.features_dir, self.feature_fnames[idx])
+
     def __getitem__(self, idx):
         image = torch.from_numpy(np.ascontiguousarray(self.load_image(idx)))
         moments = torch.from_numpy(self.load_moments(idx)).float()

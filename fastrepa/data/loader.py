@@ -1,6 +1,8 @@
-"""A batch sampler that is a pure function of (seed, step, rank), so training can restart at any step."""
+"""Opening a dataset by its layout, a batch sampler that is a pure function of (seed, step, rank) so
+training can restart at any step, and the loader over both (torch DataLoader, or DALI for packed data)."""
+import os
+
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Sampler
 
 
@@ -47,6 +49,38 @@ class StepSampler(Sampler):
         return self.num_steps
 
 
-def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def open_dataset(path: str, verify: bool = False):
+    """The dataset at `path`, by its layout: a folder with manifest.json is a pack (PackedDataset; verify=True
+    also checks every file's sha256), one with images/ and vae-sd/ is the official REPA layout
+    (REPAFolderDataset). Both yield (image uint8 [3, H, W], moments float32 [2C, h, w], label int64)."""
+    from fastrepa.data.folder import REPAFolderDataset
+    from fastrepa.data.packed import MANIFEST, PackedDataset
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset folder {path} does not exist (see --data-dir)")
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return PackedDataset(path, verify=verify)
+    if os.path.isdir(os.path.join(path, "images")) or os.path.isdir(os.path.join(path, "vae-sd")):
+        return REPAFolderDataset(path)
+    if os.path.isdir(os.path.join(path, ".pack")):
+        raise FileNotFoundError(f"{path} holds an unfinished pack (.pack/ but no {MANIFEST}): rerun "
+                                f"`python -m fastrepa.data.pack SRC {path}` to finish it")
+    raise FileNotFoundError(f"{path} is neither a packed dataset ({MANIFEST}) nor the official REPA layout "
+                            f"(images/ and vae-sd/ with vae-sd/dataset.json); see python -m fastrepa.data.prepare "
+                            f"and python -m fastrepa.data.pack")
+
+
+def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory: bool = False, *,
+                 backend: str = "torch", device=None):
+    """Batches (images uint8 [B, 3, H, W], moments [B, 2C, h, w], labels int64 [B]) in the sampler's order.
+
+    backend "torch": a DataLoader with `num_workers` processes. backend "dali": fastrepa.data.dali.DALILoader
+    (packed datasets only) with `num_workers` CPU threads, decoding on `device` (a CUDA device: the GPU,
+    batches arrive on it; None: the GPU when CUDA is available, else the CPU)."""
+    if backend == "dali":
+        from fastrepa.data.dali import DALILoader
+        return DALILoader(dataset, sampler, device=device, num_threads=max(num_workers, 1))
+    if backend != "torch":
+        raise ValueError(f"data loader backend {backend!r}: expected 'torch' or 'dali'")
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0)
