@@ -5,9 +5,10 @@ REPA generate.py.
     torchrun --nproc_per_node=8 generate.py --ckpt ... --ref VIRTUAL_imagenet256_labeled.npz
 
 Layout of --sample-dir: shards/shard-SSSSSSS-EEEEEEE.npz (one per batch, written atomically by the process
-that made it) and shards/settings.json; at the end rank 0 writes <name>.npz (arr_0 uint8 [N, H, W, 3], index
-order), generate.json (settings, and the metrics with --ref) and, with --png, <name>/NNNNNN.png. A rerun
-with the same settings skips the complete shards; other settings are refused unless --overwrite.
+that made it: the images and, with --ref, their Inception features) and shards/settings.json; at the end
+rank 0 writes <name>.npz (arr_0 uint8 [N, H, W, 3], index order), generate.json (settings, and the metrics
+with --ref, computed from the shards' features) and, with --png, <name>/NNNNNN.png. A rerun with the same
+settings skips the complete shards; other settings are refused unless --overwrite.
 """
 import argparse
 import json
@@ -15,8 +16,6 @@ import os
 import shutil
 import sys
 import time
-
-import numpy as np
 
 
 def build_parser():
@@ -68,6 +67,10 @@ def build_parser():
     p.add_argument("--eval-batch-size", type=int, default=100)
     p.add_argument("--fd-method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="Frechet distance matrix square root (see python -m fastrepa.eval --help)")
+    p.add_argument("--stream-features", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --ref: every process computes the Inception features of each batch right after "
+                        "decoding it and stores them in the batch's shard; rank 0 scores the gathered features "
+                        "(default). --no-stream-features: rank 0 scores the assembled .npz afterwards")
     return p
 
 
@@ -142,11 +145,12 @@ def main(argv=None) -> int:
 
     inception = None
     if a.ref is not None:  # check the metric inputs now, not after hours of sampling
-        from fastrepa.eval import EvalInputError, ReferenceFile, find_weights
+        from fastrepa.eval import EvalInputError, ReferenceFile, find_weights, load_inception
         try:
             ReferenceFile(a.ref)
-            inception = str(find_weights(a.inception))
-        except (EvalInputError, FileNotFoundError) as e:
+            weights = str(find_weights(a.inception))
+            inception = (weights, load_inception(weights))  # a wrong or damaged weights file fails here
+        except (EvalInputError, FileNotFoundError, RuntimeError) as e:
             parser.error(f"--ref/--inception: {e}")
     elif a.inception is not None:
         parser.error("--inception is used with --ref only")
@@ -160,13 +164,13 @@ def main(argv=None) -> int:
 
 
 def _run(parser, a, env, inception) -> int:
-    import numpy as np
     import torch
     from tqdm import tqdm
 
     from fastrepa.checkpoint import CheckpointError
-    from fastrepa.generation import (assemble_shards, batch_plan, list_shards, model_from_checkpoint,
-                                     rank_batches, sample_batch, write_npz, write_pngs, write_shard)
+    from fastrepa.generation import (assemble_features, assemble_shards, batch_plan, list_shards,
+                                     model_from_checkpoint, rank_batches, read_shard, sample_batch,
+                                     shard_features_id, write_npz, write_pngs, write_shard)
     from fastrepa.vae import load_vae
 
     t0 = time.time()
@@ -209,6 +213,8 @@ def _run(parser, a, env, inception) -> int:
         "global_seed": a.global_seed, "num_fid_samples": a.num_fid_samples,
         "per_proc_batch_size": a.per_proc_batch_size, "precision": precision,
     }
+    if a.mode == "sde":  # shards of earlier versions (one SDE noise stream per batch) are not these samples
+        settings["sde_noise"] = "per-sample"
     shard_dir = os.path.join(a.sample_dir, "shards")
     problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
     if problem:
@@ -225,6 +231,17 @@ def _run(parser, a, env, inception) -> int:
                 os.remove(os.path.join(shard_dir, f))
         _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
     env.barrier()
+
+    # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256,
+    # so features of other weights are recomputed, never mixed in.
+    stream, features_id = inception is not None and a.stream_features, None
+    if stream:
+        from fastrepa.eval import file_sha256, image_features
+        features_id = file_sha256(inception[0])
+        inception_net = inception[1].to(device)
+
+        def features_of(images):
+            return image_features(inception_net, images, a.eval_batch_size)
 
     velocity = model.velocity
     if use_compile:
@@ -250,7 +267,8 @@ def _run(parser, a, env, inception) -> int:
                               device=device, velocity=velocity, autocast_dtype=autocast_dtype).numpy()
         if a.png:
             write_pngs(images, start, png_dir)
-        write_shard(shard_dir, start, end, images)
+        feats = features_of(images) if stream else None
+        write_shard(shard_dir, start, end, images, feats, features_id)  # images and features: one file
         written += 1
         if env.is_main:  # global progress: count every process's shards on disk
             bar.n = sum(e - s for s, e in list_shards(shard_dir))
@@ -259,12 +277,27 @@ def _run(parser, a, env, inception) -> int:
             bar.close()
             print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
             sys.exit(TEST_EXIT_CODE)
-    if a.png:  # shards made by an earlier run without --png (or whose PNG writes were cut off)
-        for start, end in mine:
-            if (start, end) in done and not all(os.path.isfile(os.path.join(png_dir, f"{i:06d}.png"))
-                                                for i in range(start, end)):
-                with np.load(done[(start, end)]) as z:
-                    write_pngs(z["arr_0"], start, png_dir)
+    # Shards made by an earlier run without --png or --ref (or with other Inception weights): add what
+    # is missing from the images on disk; features are added by rewriting the shard atomically.
+    backfilled = 0
+    for start, end in mine:
+        if (start, end) not in done:
+            continue
+        path = done[(start, end)]
+        need_png = a.png and not all(os.path.isfile(os.path.join(png_dir, f"{i:06d}.png"))
+                                     for i in range(start, end))
+        need_features = stream and shard_features_id(path) != features_id
+        if need_png or need_features:
+            try:
+                images = read_shard(path, start, end)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                return 2
+            if need_png:
+                write_pngs(images, start, png_dir)
+            if need_features:
+                write_shard(shard_dir, start, end, images, features_of(images), features_id)
+                backfilled += 1
     sample_seconds = time.time() - t_sample
     env.barrier()
     if env.is_main:
@@ -274,23 +307,38 @@ def _run(parser, a, env, inception) -> int:
     if not env.is_main:
         return 0
 
-    arr = assemble_shards(shard_dir, plan)
+    try:
+        arr = assemble_shards(shard_dir, plan)
+        acts = assemble_features(shard_dir, plan, features_id) if stream else None
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     write_npz(arr, npz_path)
     report = {
         "samples": os.path.abspath(npz_path), "num_samples": int(arr.shape[0]), "image_shape": list(arr.shape[1:]),
         "png_dir": os.path.abspath(png_dir) if a.png else None,
         "settings": {**settings, "world_size": env.world_size, "device": str(device),
-                     "compile": use_compile, "kernels": a.kernels, "tf32": a.tf32,
+                     "compile": use_compile, "kernels": a.kernels, "tf32": a.tf32, "stream_features": stream,
                      "torch": torch.__version__},
         "timing": {"sample_seconds_rank0": round(sample_seconds, 3),
-                   "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done},
+                   "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done,
+                   "features_added_to_shards_rank0": backfilled},
     }
     print(f"wrote {arr.shape[0]} samples to {npz_path}" + (f" and {png_dir}/" if a.png else ""), flush=True)
     if a.ref is not None:
+        from fastrepa.eval.cli import METRIC_KEYS, evaluate
         from fastrepa.eval.cli import main as eval_main
-        ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception, "--batch-size",
-                        str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method])
-        report["metrics"] = {k: ev[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}
+        if stream:  # the features of the shards, gathered in index order: no image is read again
+            from fastrepa.eval import ReferenceFile
+            ev = evaluate(acts, ReferenceFile(a.ref), inception_net, inception[0], samples=npz_path,
+                          sample_shape=arr.shape[1:], weights_sha256=features_id, batch_size=a.eval_batch_size,
+                          device=str(device), fd_method=a.fd_method,
+                          sample_features=f"computed while sampling by {env.world_size} process(es), read "
+                                          "from the shards")
+        else:
+            ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
+                            str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method])
+        report["metrics"] = {k: ev[k] for k in METRIC_KEYS}
         report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
     report["timing"]["total_seconds"] = round(time.time() - t0, 3)
     report_path = os.path.join(a.sample_dir, "generate.json")

@@ -5,8 +5,8 @@ The model is built by name with random weights (`build_model` + its own init, th
 adaLN / final layers redrawn so every path carries signal; weights do not change the speed). The
 sampler is `fastrepa.sampling.euler_maruyama_sampler`, called as `fastrepa.generation.sample_batch`
 calls it: the model's `velocity` (or its torch.compile'd version, as generate.py builds it), latents in
-the parameter dtype, the SDE noise drawn from a CPU generator in float64, under bf16 autocast on CUDA
-(fp32 on the CPU, or whatever --dtype says).
+the parameter dtype, the SDE noise drawn per sample from its own CPU generator in float64 (as
+generate.py), under bf16 autocast on CUDA (fp32 on the CPU, or whatever --dtype says).
 
 Per variant and batch size B, two per-step latencies are measured (median of `repeats` timed calls of
 `steps_per_call` sampler steps each, divided by `steps_per_call`; the sampler's small set-up and its last,
@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from common import BenchUsageError, fmt, num, time_calls, timer_description
+from common import BenchUsageError, fmt, num, parse_names, time_calls, timer_description, triton_skip_reason
 
 PROTOCOL = {"sampler": "sde (Euler-Maruyama)", "num_steps": 250, "cfg_scale": 1.8, "guidance_low": 0.0,
             "guidance_high": 0.7, "path_type": "linear"}
@@ -165,14 +165,7 @@ def validate_steps(ctx):
 
 
 def _parse_variants(arg):
-    if not arg:
-        return list(VARIANTS)
-    names = [n.strip() for n in arg.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise BenchUsageError(f"--variants: unknown variant(s) {', '.join(unknown)}; the sample suite knows: "
-                              f"{', '.join(VARIANTS)}")
-    return names
+    return parse_names(arg, VARIANTS, "sample")
 
 
 def skip_reason(ctx, variant):
@@ -180,13 +173,7 @@ def skip_reason(ctx, variant):
     if variant.cuda_only and ctx.device.type != "cuda":
         what = "CUDA graphs" if variant.compile_mode == "reduce-overhead" else "Triton kernels"
         return f"needs CUDA: {what} are timed only on a GPU (the CPU has no such path worth timing)"
-    if variant.kernels == "triton":
-        from fastrepa.kernels import _dispatch
-        if _dispatch.interpreting():
-            return "TRITON_INTERPRET is set: the interpreter measures nothing real"
-        if not _dispatch.HAS_TRITON:
-            return "the triton package is not installed"
-    return None
+    return triton_skip_reason() if variant.kernels == "triton" else None
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -235,9 +222,12 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     row = {"status": None, "reason": None, "step_ms_cfg": None, "step_ms": None}
     size, ch = model.x_embedder.grid_size * model.patch_size, model.in_channels
-    gen = torch.Generator().manual_seed(0)  # the SDE noise: CPU float64, as sample_batch
+    from fastrepa.generation import STREAM_SDE
+    from fastrepa.train.rng import index_generators
+    gen = torch.Generator().manual_seed(0)
     z = torch.randn(B, ch, size, size, generator=gen).to(device)
     y = torch.randint(0, model.num_classes, (B,), generator=gen).to(device)
+    gens = index_generators(0, STREAM_SDE, range(B))  # the SDE noise: one CPU float64 stream per sample, as sample_batch
     if variant.compiled:
         torch._dynamo.reset()
         mode = None if variant.compile_mode == "default" else variant.compile_mode
@@ -253,7 +243,7 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
             with amp():
                 return euler_maruyama_sampler(velocity, z, y, num_steps=spc, cfg_scale=cfg,
                                               path_type=PROTOCOL["path_type"], null_class=model.num_classes,
-                                              generator=gen, **phases[phase])
+                                              generator=gens, **phases[phase])
         return call
 
     # the sampler meets B first (t = 1 lies outside [0, 0.7]), then 2B: compile in that order

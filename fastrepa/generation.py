@@ -1,11 +1,13 @@
 """Sampling from a checkpoint: build the model the checkpoint describes, draw per-index noise and labels,
 run a sampler, decode, and write PNGs and the ADM-style .npz (arr_0 uint8 [N, H, W, 3]).
 
-Sample i's initial noise and class label come from a generator seeded by (seed, i), so a sample does
-not depend on the batch it falls in. The global batches are fixed by (N, batch size) alone
-(`batch_plan`) and dealt round-robin to the processes (`rank_batches`); the SDE's per-step noise is
-seeded by (seed, batch start), so SDE samples depend on the batch size but never on the number of
-processes. Each batch is written as one shard file (`write_shard`, atomic), which makes runs resumable.
+Sample i's initial noise and class label come from a generator seeded by (seed, STREAM_INIT, i), and
+the SDE's per-step noise of sample i from its own generator seeded by (seed, STREAM_SDE, i), so sample
+i is the same whatever the batch size, the batch it falls in, the number of processes and the resume
+point (ODE and SDE alike). The global batches are fixed by (N, batch size) alone (`batch_plan`) and
+dealt round-robin to the processes (`rank_batches`). Each batch is written as one shard file
+(`write_shard`, atomic: images, and with scoring their Inception features, complete or absent), which
+makes runs resumable; `assemble_shards` and `assemble_features` read them back in index order.
 """
 import contextlib
 import os
@@ -18,10 +20,13 @@ from PIL import Image
 from fastrepa.checkpoint import load_checkpoint_file, load_weights, normalize_keys, select_weights
 from fastrepa.models import OVERRIDES, build_model
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
-from fastrepa.train.rng import step_seed
+from fastrepa.train.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
 
 MODES = ("ode", "sde")
+# The per-sample streams: step_seed(seed, stream, sample index). Stream 1 was the per-batch SDE noise of
+# earlier versions (samples depended on the batch size); it is not reused.
+STREAM_INIT, STREAM_SDE = 0, 2
 
 
 def projector_dims(state_dict: dict) -> tuple[list[int], int | None]:
@@ -63,7 +68,7 @@ def noise_and_labels(indices, shape, num_classes: int, seed: int, device):
     """Initial noise [n, *shape] and labels [n] of the given sample indices, each from its own generator."""
     zs, ys = [], []
     for i in indices:
-        g = torch.Generator().manual_seed(step_seed(seed, 0, int(i)))
+        g = index_generator(seed, STREAM_INIT, i)
         zs.append(torch.randn(shape, generator=g))
         ys.append(int(torch.randint(0, num_classes, (1,), generator=g)))
     return torch.stack(zs).to(device), torch.tensor(ys, device=device)
@@ -71,7 +76,7 @@ def noise_and_labels(indices, shape, num_classes: int, seed: int, device):
 
 def batch_plan(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
     """The global batches [(start, end)] covering indices 0..num_samples-1; fixed by (N, batch size) only,
-    so every process count sees the same batches (the SDE noise of a batch is seeded by its start)."""
+    so every process count sees the same batches (and the same shard files)."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be >= 1")
     return [(s, min(s + batch_size, num_samples)) for s in range(0, num_samples, batch_size)]
@@ -113,8 +118,8 @@ def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str
         if mode == "ode":
             x = euler_sampler(velocity, z.to(dtype), y, heun=heun, **kwargs)
         else:
-            g = torch.Generator().manual_seed(step_seed(seed, 1, start))
-            x = euler_maruyama_sampler(velocity, z.to(dtype), y, generator=g, **kwargs)
+            gens = index_generators(seed, STREAM_SDE, range(start, start + batch_size))  # one per sample
+            x = euler_maruyama_sampler(velocity, z.to(dtype), y, generator=gens, **kwargs)
         images = decode_to_uint8(vae, x[: end - start].float(), latents_scale, latents_bias)
     return images
 
@@ -148,17 +153,30 @@ def shard_path(folder: str, start: int, end: int) -> str:
     return os.path.join(folder, f"shard-{start:07d}-{end:07d}.npz")
 
 
-def write_shard(folder: str, start: int, end: int, images) -> str:
-    """Samples start..end-1 as arr_0 uint8 [n, H, W, 3], written atomically (temp file + os.replace):
-    a shard file is complete or absent."""
+FEATURES_ID_KEY = "features_id"  # which Inception made a shard's features (its weights' sha256)
+
+
+def write_shard(folder: str, start: int, end: int, images, features: dict | None = None,
+                features_id: str | None = None) -> str:
+    """Samples start..end-1 as arr_0 uint8 [n, H, W, 3] and, when given, their Inception features
+    (`fastrepa.eval.image_features`: pool, spatial, logits, n rows each) tagged with `features_id`, in
+    one .npz written atomically (temp file + os.replace): a shard file is complete or absent, and so
+    never holds images without their features or features without their images."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != end - start:
         raise ValueError(f"shard [{start}, {end}): expected uint8 [{end - start}, H, W, 3], got "
                          f"{images.dtype} {images.shape}")
+    arrays = {"arr_0": images}
+    if features is not None:
+        from fastrepa.eval.features import check_features
+        if not features_id:
+            raise ValueError(f"shard [{start}, {end}): features need a features_id (the Inception's sha256)")
+        arrays.update(check_features(features, end - start, f"shard [{start}, {end})"))
+        arrays[FEATURES_ID_KEY] = np.array(str(features_id))
     os.makedirs(folder, exist_ok=True)
     path = shard_path(folder, start, end)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, arr_0=images)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path
 
@@ -175,6 +193,31 @@ def list_shards(folder: str) -> dict[tuple[int, int], str]:
     return out
 
 
+def _bad_shard(path: str, what: str) -> ValueError:
+    return ValueError(f"shard {path}: {what} (delete it and rerun to regenerate it)")
+
+
+def read_shard(path: str, start: int, end: int) -> np.ndarray:
+    """The images arr_0 uint8 [end - start, H, W, 3] of one shard; errors name the file."""
+    try:
+        with np.load(path) as z:
+            arr = z["arr_0"]
+    except Exception as e:  # noqa: BLE001 - name the file
+        raise _bad_shard(path, f"cannot read it: {e}") from None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != end - start or arr.shape[-1] != 3:
+        raise _bad_shard(path, f"expected uint8 [{end - start}, H, W, 3], got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def shard_features_id(path: str) -> str | None:
+    """The features_id of the features stored in a shard, or None when it has none (or is unreadable)."""
+    try:
+        with np.load(path) as z:
+            return str(z[FEATURES_ID_KEY]) if FEATURES_ID_KEY in z.files else None
+    except Exception:  # noqa: BLE001 - unreadable: no usable features; read_shard reports the file
+        return None
+
+
 def assemble_shards(folder: str, plan) -> np.ndarray:
     """arr_0 uint8 [N, H, W, 3] in index order from the shards of `plan`; errors name what is missing or
     wrong."""
@@ -185,18 +228,40 @@ def assemble_shards(folder: str, plan) -> np.ndarray:
     chunks = []
     for start, end in plan:
         path = have[(start, end)]
-        try:
-            with np.load(path) as z:
-                arr = z["arr_0"]
-        except Exception as e:  # noqa: BLE001 - name the file
-            raise ValueError(f"cannot read shard {path}: {e} (delete it and rerun to regenerate it)") from None
-        if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != end - start:
-            raise ValueError(f"shard {path}: expected uint8 [{end - start}, H, W, 3], got {arr.dtype} {arr.shape} "
-                             "(delete it and rerun to regenerate it)")
+        arr = read_shard(path, start, end)
         if chunks and arr.shape[1:] != chunks[0].shape[1:]:
-            raise ValueError(f"shard {path}: image shape {arr.shape[1:]} differs from {chunks[0].shape[1:]}")
+            raise _bad_shard(path, f"image shape {arr.shape[1:]} differs from {chunks[0].shape[1:]}")
         chunks.append(arr)
     return np.concatenate(chunks)
+
+
+def assemble_features(folder: str, plan, features_id: str):
+    """`fastrepa.eval.Activations` of samples 0..N-1 from the features stored in the shards of `plan`,
+    in index order (the rows of the assembled .npz, nothing past N): what `compute_activations` of that
+    .npz gives, without reading an image. Every shard must carry features made by `features_id`."""
+    from fastrepa.eval.features import FEATURE_KEYS, FeatureAccumulator, check_features
+
+    have = list_shards(folder)
+    acc = FeatureAccumulator()
+    for start, end in plan:
+        path = have.get((start, end))
+        if path is None:
+            raise FileNotFoundError(f"{folder}: shard {shard_path(folder, start, end)} is missing")
+        try:
+            with np.load(path) as z:
+                got = str(z[FEATURES_ID_KEY]) if FEATURES_ID_KEY in z.files else None
+                feats = {k: z[k] for k in FEATURE_KEYS if k in z.files} if got == features_id else None
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise _bad_shard(path, f"cannot read it: {e}") from None
+        if feats is None:
+            has = "none" if got is None else f"those of {got[:12]}"
+            raise _bad_shard(path, f"no Inception features of {features_id[:12]} (it has {has})")
+        try:
+            feats = check_features(feats, end - start, "stored features")
+        except ValueError as e:
+            raise _bad_shard(path, str(e)) from None
+        acc.add(feats["pool"], feats["spatial"], feats["logits"])
+    return acc.result()
 
 
 def write_pngs(images: torch.Tensor, start: int, folder: str) -> None:

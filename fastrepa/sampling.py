@@ -1,5 +1,8 @@
 """The official REPA samplers (samplers.py): Euler / Heun ODE and Euler-Maruyama SDE, with CFG on a
 guidance interval. Same signatures and semantics, plus keyword-only `null_class` and `generator`.
+The SDE's `generator` may also be a list of generators, one per row of the batch: row b's noise then
+comes from generator b alone, so a sample's trajectory does not depend on the batch it is sampled in
+(generate.py seeds one per sample index; `row_noise` below).
 
 Shared semantics (official):
 - the state is float64; the model sees it cast to `latents.dtype`, with time = t_cur (a [batch] tensor
@@ -15,7 +18,10 @@ The samplers do not change the model's mode: put it in eval() first (in train mo
 Speed: the time grid, the per-step time tensors, the doubled labels and the SDE score coefficients are
 built once before the loop; each step compares python floats, so nothing in the loop waits for the GPU.
 """
+import contextlib
 import operator
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -77,6 +83,67 @@ class _Velocity:
         return d_uncond + self.cfg_scale * (d_cond - d_uncond)
 
 
+def _noise_threads(rows: int) -> int:
+    """Threads that fill the per-row noise: one per 16 rows, at most 8 and the usable CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus, -(-rows // 16)))
+
+
+def row_noise(generators, row_shape, count: int, device=None):
+    """Yield `count` float64 standard-normal tensors [len(generators), *row_shape] (on `device`, default
+    the generators' device) whose row b is generator b's next `torch.randn(row_shape, dtype=float64)`.
+
+    Row b depends on generator b alone: the same seeded generator gives the same rows whatever the
+    batch around it. CPU generators are drawn by a few threads (torch's RNG releases the GIL; each
+    generator is touched by one thread at a time, so the values do not depend on the thread count), and
+    draw k+1 starts as soon as draw k is handed out, so it overlaps the caller's work (the model call).
+    Generators on an accelerator are drawn in the calling thread, on its current stream.
+    """
+    gens = list(generators)
+    if not gens:
+        raise ValueError("row_noise: no generators")
+    for g in gens:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"row_noise: expected torch.Generator objects, got {type(g).__name__}")
+    gdev = gens[0].device
+    if any(g.device != gdev for g in gens):
+        raise ValueError(f"row_noise: generators on different devices {sorted({str(g.device) for g in gens})}")
+    device = torch.device(device) if device is not None else gdev
+    row_shape = tuple(row_shape)
+
+    def fill(out, rows):
+        for b in rows:
+            out[b].normal_(generator=gens[b])  # == torch.randn(row_shape, generator=gens[b], dtype=float64)
+
+    def empty():
+        return torch.empty((len(gens), *row_shape), dtype=torch.float64, device=gdev)
+
+    if gdev.type != "cpu":
+        for _ in range(count):
+            out = empty()
+            fill(out, range(len(gens)))
+            yield out.to(device)
+        return
+    threads = _noise_threads(len(gens))
+    bounds = [len(gens) * k // threads for k in range(threads + 1)]
+    chunks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="row_noise") as pool:
+        def submit():
+            out = empty()
+            return out, [pool.submit(fill, out, rows) for rows in chunks]
+
+        pending = submit() if count > 0 else None
+        for k in range(count):
+            out, futures = pending
+            for f in futures:
+                f.result()
+            pending = submit() if k + 1 < count else None  # every generator is idle again: start the next
+            yield out.to(device)
+
+
 def _guided(t_list, cfg_scale, guidance_low, guidance_high):
     return [cfg_scale > 1.0 and guidance_low <= t <= guidance_high for t in t_list]
 
@@ -117,7 +184,9 @@ def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scal
     """Reverse SDE with diffusion 2t from t=1 (noise `latents`) to t=0; returns the float64 state.
 
     Grid t = linspace(1, 0.04, num_steps) then 0. For each step but the last: eps ~ N(0, I) is drawn
-    (float64, before the model call; from `generator` on its device when given, else the global RNG),
+    (float64, before the model call; from `generator` on its device when given, else the global RNG;
+    with a list of generators, one per row, row b of every step's eps is generator b's next
+    randn(latents.shape[1:]), see `row_noise`),
     score = score_from_velocity(v, x, t_cur, path_type), drift d = v - 0.5 * 2 t_cur * score (CFG
     combines the drifts), x += d dt + sqrt(2 t_cur) eps sqrt(|dt|). The last step (0.04 -> 0) is the
     mean only, without noise. So num_steps model evaluations (twice the batch where CFG applies) and
@@ -138,6 +207,10 @@ def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scal
     sqrt_abs_dt = torch.sqrt((t_steps[1:] - t_steps[:-1]).abs()).tolist()
     velocity = _Velocity(model, latents, y, t_steps, cfg_scale, null_class)
     x = latents.to(torch.float64)
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != latents.shape[0]:
+        raise ValueError(f"euler_maruyama_sampler: {len(generator)} generators for a batch of "
+                         f"{latents.shape[0]} latents; a list needs one generator per row")
 
     def drift(x, i):
         v = velocity(x, i, guided[i])
@@ -147,10 +220,13 @@ def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scal
         d = v - 0.5 * (2 * ts[i]) * score
         return velocity.combine(d.flatten(0, 1)) if guided[i] else d
 
-    with torch.no_grad():
+    noise = row_noise(generator, x.shape[1:], num_steps - 1, x.device) if per_row else None
+    with torch.no_grad(), contextlib.closing(noise) if per_row else contextlib.nullcontext():
         for i in range(num_steps - 1):
             dt = ts[i + 1] - ts[i]
-            if generator is None:
+            if per_row:
+                eps = next(noise)
+            elif generator is None:
                 eps = torch.randn_like(x)
             else:
                 eps = torch.randn(x.shape, generator=generator, dtype=torch.float64,
@@ -165,4 +241,4 @@ def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scal
 
 SAMPLERS = {"ode": euler_sampler, "sde": euler_maruyama_sampler}
 
-__all__ = ["SAMPLERS", "SDE_LAST_T", "euler_maruyama_sampler", "euler_sampler"]
+__all__ = ["SAMPLERS", "SDE_LAST_T", "euler_maruyama_sampler", "euler_sampler", "row_noise"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy import linalg
 
-from fastrepa.eval import (EvalInputError, FIDInceptionV3, NpzImages, ReferenceFile, RunningStats,
-                           extract_features, frechet_distance, inception_score, load_inception,
-                           manifold_radii, precision_recall)
+from fastrepa.eval import (EvalInputError, FeatureAccumulator, FIDInceptionV3, NpzImages, ReferenceFile,
+                           RunningStats, compute_activations, extract_features, frechet_distance,
+                           image_features, inception_score, load_inception, manifold_radii,
+                           precision_recall)
 from fastrepa.eval.cli import main as eval_main
 from fastrepa.eval.inception import FID_WEIGHTS_URL
 
@@ -228,6 +229,40 @@ def test_inception_input_errors(inception):
         extract_features(inception, torch.zeros(1, 8, 8, 3))
     with pytest.raises(ValueError, match=r"\[N,H,W,3\]"):
         extract_features(inception, torch.zeros(1, 8, 8, 4, dtype=torch.uint8))
+
+
+def test_features_in_chunks_accumulate_to_compute_activations(inception):
+    """generate.py's path (image_features per shard, FeatureAccumulator in index order) gives what
+    compute_activations of the whole array gives: same preprocessing, same per-image features."""
+    imgs = np.random.default_rng(7).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    whole = compute_activations(inception, [imgs])
+    acc = FeatureAccumulator()
+    for a, b in ((0, 1), (1, 3)):  # other "shards", other network batches
+        f = image_features(inception, torch.from_numpy(imgs[a:b]), batch_size=1)
+        assert {k: v.shape for k, v in f.items()} == {"pool": (b - a, 2048), "spatial": (b - a, 2023),
+                                                      "logits": (b - a, 1008)}
+        acc.add(f["pool"], f["spatial"], f["logits"])
+    got = acc.result()
+    np.testing.assert_allclose(got.pool, whole.pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    for s_got, s_want in ((got.pool_stats, whole.pool_stats), (got.spatial_stats, whole.spatial_stats)):
+        assert s_got.n == s_want.n == 3
+        np.testing.assert_allclose(s_got.mu, s_want.mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s_got.sigma, s_want.sigma, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'spatial' features are float32 \(2, 2023\), expected float \[3, 2023\]"):
+        acc.add(np.zeros((3, 2048), np.float32), np.zeros((2, 2023), np.float32), np.zeros((3, 1008), np.float32))
+    with pytest.raises(ValueError, match="no images"):
+        FeatureAccumulator().result()
+
+
+def test_inception_runs_fp32_under_autocast(inception):
+    imgs = torch.from_numpy(np.random.default_rng(8).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8))
+    plain = extract_features(inception, imgs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as around generate.py's sampler
+        auto = extract_features(inception, imgs)
+    assert auto.pool.dtype == torch.float32
+    torch.testing.assert_close(auto.pool, plain.pool, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(auto.spatial, plain.spatial, rtol=1e-6, atol=1e-6)
 
 
 def test_missing_weights_error(tmp_path):

@@ -1,5 +1,7 @@
-"""generate.py: rank-count invariance under torchrun (gloo CPU processes), resume after a kill, bad input,
-and the metrics report. A tiny SiT on 8x8 RGB "latents" with the identity VAE keeps every run cheap."""
+"""generate.py: samples that depend neither on the batch size nor on the number of processes (torchrun, gloo
+CPU processes), resume after a kill, bad input, and the metrics computed from Inception features streamed
+while sampling (equal to scoring the finished .npz). A tiny SiT on 8x8 RGB "latents" with the identity VAE
+and a randomly initialised FID Inception keep every run cheap."""
 import json
 import os
 import socket
@@ -12,7 +14,11 @@ import torch
 
 import generate as generate_cli
 from conftest import TINY, tiny_model
-from fastrepa.generation import batch_plan, list_shards, rank_batches
+from fastrepa.eval.cli import METRIC_KEYS
+from fastrepa.eval.cli import main as eval_main
+from fastrepa.generation import (assemble_features, batch_plan, list_shards, noise_and_labels, rank_batches,
+                                 read_shard, shard_features_id, write_shard)
+from fastrepa.train.rng import step_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, B = 7, 3  # N is a multiple neither of the batch size nor of the process count
@@ -42,22 +48,51 @@ def final(out):
     return arr, json.loads((out / "generate.json").read_text())
 
 
+def _inception_file(path):
+    from fastrepa.eval import FIDInceptionV3
+    torch.manual_seed(0)
+    m = FIDInceptionV3()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    torch.save(m.state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def reference_run(ckpt, tmp_path_factory):
-    """One uninterrupted single-process run: the oracle for the other tests."""
+def scoring(tmp_path_factory):
+    """The scoring flags: a random FID Inception in the standard format and a 6-image reference batch."""
+    d = tmp_path_factory.mktemp("scoring")
+    inc = _inception_file(d / "pt_inception-2015-12-05-6726825d.pth")
+    ref = d / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    return ["--ref", ref, "--inception", inc, "--fd-method", "eigh", "--eval-batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(ckpt, scoring, tmp_path_factory):
+    """One uninterrupted single-process run, scored from the features streamed while sampling: the oracle
+    for the other tests."""
     out = tmp_path_factory.mktemp("ref_run")
-    assert generate_cli.main(common(ckpt, out)) == 0
-    return final(out)
+    assert generate_cli.main(common(ckpt, out, *scoring)) == 0
+    return final(out) + (out,)
+
+
+def assert_same_metrics(got, want, rel=1e-5):
+    assert set(got) == set(METRIC_KEYS)
+    for k in METRIC_KEYS:
+        assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-6), k
 
 
 def test_single_process_output_and_report(reference_run):
-    arr, rep = reference_run
+    arr, rep, _ = reference_run
     assert arr.dtype == np.uint8 and arr.shape == (N, 8, 8, 3)
     assert rep["num_samples"] == N and rep["settings"]["world_size"] == 1
     s = rep["settings"]
     assert (s["mode"], s["num_steps"], s["cfg_scale"], s["guidance_high"], s["global_seed"], s["weights"]) == \
         ("sde", 2, 2.0, 0.7, 3, "ema")
-    assert s["num_fid_samples"] == N and s["ckpt"].endswith("0000010.pt")
+    assert s["num_fid_samples"] == N and s["ckpt"].endswith("0000010.pt") and s["sde_noise"] == "per-sample"
     assert len(np.unique(arr.reshape(N, -1), axis=0)) == N  # distinct samples, not one repeated
 
 
@@ -75,10 +110,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one(ckpt, tmp_path, reference_run):
+def test_torchrun_two_processes_match_one(ckpt, tmp_path, reference_run, scoring):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", os.path.join(ROOT, "generate.py"), *common(ckpt, out),
+           f"--master_port={_free_port()}", os.path.join(ROOT, "generate.py"), *common(ckpt, out, *scoring),
            "--dist-timeout", "120"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -87,6 +122,77 @@ def test_torchrun_two_processes_match_one(ckpt, tmp_path, reference_run):
     arr, rep = final(out)
     assert rep["settings"]["world_size"] == 2
     np.testing.assert_array_equal(arr, reference_run[0])
+    # each process computed the features of its own shards; rank 0 gathered them in index order
+    assert "2 process(es)" in rep["eval"]["settings"]["sample_features"]
+    assert_same_metrics(rep["metrics"], reference_run[1]["metrics"])
+
+
+def test_sde_samples_do_not_depend_on_the_batch_size(ckpt, tmp_path, reference_run):
+    """Every sample index has its own SDE noise stream: batch 2 and batch 5 give the images of batch 3 (and
+    of the 2-process run above), over-sampled last batches included."""
+    for b in (2, 5):
+        out = tmp_path / f"b{b}"
+        assert generate_cli.main(common(ckpt, out, "--per-proc-batch-size", b)) == 0
+        arr, rep = final(out)
+        assert rep["settings"]["per_proc_batch_size"] == b
+        np.testing.assert_array_equal(arr, reference_run[0])
+
+
+def test_streamed_metrics_equal_scoring_the_npz(reference_run, scoring):
+    """The features computed while sampling give the numbers of `python -m fastrepa.eval samples.npz --ref`."""
+    _, rep, out = reference_run
+    assert rep["settings"]["stream_features"] is True
+    assert rep["eval"]["settings"]["num_samples"] == N and rep["eval"]["settings"]["sample_features"].startswith(
+        "computed while sampling")
+    for k, v in rep["metrics"].items():
+        assert v is not None and np.isfinite(v), k
+    ref, inc = scoring[1], scoring[3]
+    assert rep["eval"]["settings"]["inception_weights"] == str(inc.resolve())
+    ev = eval_main([rep["samples"], "--ref", str(ref), "--inception", str(inc), "--fd-method", "eigh",
+                    "--batch-size", "4", "--device", "cpu"], quiet=True)
+    assert_same_metrics(rep["metrics"], {k: ev[k] for k in METRIC_KEYS})
+    assert rep["metrics"]["fid"] > 1e-3  # samples and reference differ: a real comparison, not 0 == 0
+    # every shard holds its images and their features, made by these weights
+    from fastrepa.eval import file_sha256
+    sha = file_sha256(inc)
+    shards = list_shards(out / "shards")
+    assert sorted(shards) == batch_plan(N, B) and all(shard_features_id(p) == sha for p in shards.values())
+    acts = assemble_features(str(out / "shards"), batch_plan(N, B), sha)
+    assert acts.pool.shape == (N, 2048) and acts.logits.shape == (N, 1008) and acts.spatial_stats.n == N
+
+
+def test_no_stream_features_scores_the_npz(ckpt, reference_run, scoring, tmp_path, monkeypatch):
+    """--no-stream-features: nothing computed while sampling; rank 0 hands the assembled .npz to
+    fastrepa.eval (the call is recorded here; the numbers of that call are tested above)."""
+    import shutil
+
+    import fastrepa.eval.cli as eval_cli
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run[2], out)
+    calls = []
+
+    def fake_eval(argv, quiet=False):
+        calls.append(list(argv))
+        return {**{k: 1.0 for k in METRIC_KEYS}, "settings": {"samples": argv[0]}, "notes": []}
+
+    monkeypatch.setattr(eval_cli, "main", fake_eval)
+    ref, inc = scoring[1], scoring[3]
+    assert generate_cli.main(common(ckpt, out, *scoring, "--no-stream-features")) == 0  # all shards done
+    [argv] = calls
+    _, rep = final(out)
+    assert argv[0] == rep["samples"] and argv[argv.index("--ref") + 1] == str(ref)
+    assert argv[argv.index("--inception") + 1] == str(inc) and argv[argv.index("--fd-method") + 1] == "eigh"
+    assert argv[argv.index("--batch-size") + 1] == "4"
+    assert rep["settings"]["stream_features"] is False and rep["metrics"]["fid"] == 1.0
+    assert rep["timing"]["new_samples"] == 0 and rep["timing"]["features_added_to_shards_rank0"] == 0
+
+
+def test_initial_noise_and_labels_come_from_per_index_streams():
+    z, y = noise_and_labels([4, 1], (3, 2, 2), 10, seed=3, device="cpu")
+    for row, i in enumerate([4, 1]):  # stream 0 of (seed, index): noise, then the label
+        g = torch.Generator().manual_seed(step_seed(3, 0, i))
+        assert torch.equal(z[row], torch.randn((3, 2, 2), generator=g))
+        assert int(y[row]) == int(torch.randint(0, 10, (1,), generator=g))
 
 
 def test_ode_samples_do_not_depend_on_the_batch_size(ckpt, tmp_path):
@@ -101,19 +207,21 @@ def test_ode_samples_do_not_depend_on_the_batch_size(ckpt, tmp_path):
     assert pngs == [f"{i:06d}.png" for i in range(5)]
 
 
-def test_resume_after_kill_gives_the_uninterrupted_result(ckpt, tmp_path, monkeypatch, reference_run):
+def test_resume_after_kill_gives_the_uninterrupted_result(ckpt, tmp_path, monkeypatch, reference_run, scoring):
     out = tmp_path / "killed"
     monkeypatch.setenv(generate_cli.TEST_EXIT_AFTER_SHARDS_ENV, "1")
     with pytest.raises(SystemExit) as e:
-        generate_cli.main(common(ckpt, out))
+        generate_cli.main(common(ckpt, out, *scoring))
     assert e.value.code == generate_cli.TEST_EXIT_CODE
     assert sorted(list_shards(out / "shards")) == [(0, 3)]
+    first = out / "shards" / "shard-0000000-0000003.npz"
+    assert shard_features_id(str(first)) is not None  # the killed run's shard: its images and features
     assert not list(out.glob("*.npz"))  # nothing assembled yet
     (out / "shards" / "shard-0000003-0000006.npz.tmp999.npz").write_bytes(b"half a file")  # a cut-off write
     monkeypatch.delenv(generate_cli.TEST_EXIT_AFTER_SHARDS_ENV)
-    before = os.path.getmtime(out / "shards" / "shard-0000000-0000003.npz")
-    assert generate_cli.main(common(ckpt, out)) == 0
-    assert os.path.getmtime(out / "shards" / "shard-0000000-0000003.npz") == before  # skipped, not redone
+    before = os.path.getmtime(first)
+    assert generate_cli.main(common(ckpt, out)) == 0  # resumed without scoring: no features for the rest
+    assert os.path.getmtime(first) == before  # skipped, not redone
     assert sorted(os.listdir(out / "shards")) == ["settings.json", "shard-0000000-0000003.npz",
                                                   "shard-0000003-0000006.npz", "shard-0000006-0000007.npz"]
     arr, rep = final(out)
@@ -123,6 +231,15 @@ def test_resume_after_kill_gives_the_uninterrupted_result(ckpt, tmp_path, monkey
     os.remove(out / "shards" / "shard-0000006-0000007.npz")
     assert generate_cli.main(common(ckpt, out)) == 0
     np.testing.assert_array_equal(final(out)[0], reference_run[0])
+    assert shard_features_id(str(out / "shards" / "shard-0000006-0000007.npz")) is None
+    # a scored rerun samples nothing: it adds the missing features from the images on disk (2 shards), keeps
+    # the killed run's, and scores what the uninterrupted run scored
+    assert generate_cli.main(common(ckpt, out, *scoring)) == 0
+    arr, rep = final(out)
+    assert rep["timing"]["new_samples"] == 0 and rep["timing"]["features_added_to_shards_rank0"] == 2
+    assert os.path.getmtime(first) == before
+    np.testing.assert_array_equal(arr, reference_run[0])
+    assert_same_metrics(rep["metrics"], reference_run[1]["metrics"])
 
 
 def test_different_settings_are_refused_unless_overwrite(ckpt, tmp_path, capsys):
@@ -167,30 +284,63 @@ def test_bad_input(ckpt, tmp_path, capsys):
                           + ["--sample-dir", str(tmp_path / "y")])
     assert "bad_ref.npz" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    # so is the Inception file itself: a file that is not the FID Inception fails before sampling
+    good_ref = tmp_path / "ref.npz"
+    np.savez(good_ref, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--ckpt", ckpt, "--ref", str(good_ref), "--inception", str(tmp_path / "wrong.pth")]
+                          + ["--sample-dir", str(tmp_path / "z")])
+    err = capsys.readouterr().err
+    assert "wrong.pth" in err and "missing keys" in err
+    assert not (tmp_path / "z").exists()
 
 
-def _inception_file(path):
-    from fastrepa.eval import FIDInceptionV3
-    torch.manual_seed(0)
-    m = FIDInceptionV3()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-    torch.save(m.state_dict(), path)
-    return path
+def test_damaged_shard_is_named(ckpt, tmp_path, capsys):
+    """A shard damaged on disk (not by generate.py, whose writes are atomic) stops the run with its name."""
+    out = tmp_path / "d"
+    assert generate_cli.main(common(ckpt, out)) == 0
+    shard = out / "shards" / "shard-0000003-0000006.npz"
+    np.savez(shard, arr_0=np.zeros((3, 8, 8, 3), dtype=np.float32))
+    capsys.readouterr()
+    assert generate_cli.main(common(ckpt, out)) == 2
+    err = capsys.readouterr().err
+    assert str(shard) in err and "float32" in err and "delete it and rerun" in err
+    shard.write_bytes(b"not an npz")
+    assert generate_cli.main(common(ckpt, out)) == 2
+    assert str(shard) in capsys.readouterr().err
+    shard.unlink()
+    assert generate_cli.main(common(ckpt, out)) == 0  # as it says: deleted, rerun, regenerated
 
 
-def test_metrics_in_report(ckpt, tmp_path):
-    inc = _inception_file(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
-    ref = tmp_path / "ref.npz"
-    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
-    out = tmp_path / "m"
-    assert generate_cli.main(common(ckpt, out, "--ref", ref, "--inception", inc, "--fd-method", "eigh",
-                                    "--eval-batch-size", "4")) == 0
-    rep = final(out)[1]
-    assert set(rep["metrics"]) == {"fid", "sfid", "inception_score", "precision", "recall"}
-    for k, v in rep["metrics"].items():
-        assert v is not None and np.isfinite(v), k
-    assert rep["eval"]["settings"]["num_samples"] == N
-    assert rep["eval"]["settings"]["inception_weights"] == str(inc.resolve())
+def _features(n, seed):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((n, d)).astype(np.float32)
+            for k, d in (("pool", 2048), ("spatial", 2023), ("logits", 1008))}
+
+
+def test_shard_features_round_trip_in_index_order(tmp_path):
+    plan = batch_plan(5, 2)  # (0, 2), (2, 4), (4, 5): the last shard holds only index 4
+    feats = {b: _features(b[1] - b[0], b[0]) for b in plan}
+    for b in reversed(plan):  # written in any order (by any process) ...
+        imgs = np.full((b[1] - b[0], 4, 4, 3), b[0], dtype=np.uint8)
+        write_shard(str(tmp_path), *b, imgs, feats[b], "sha-a")
+    acts = assemble_features(str(tmp_path), plan, "sha-a")  # ... gathered in index order, N rows exactly
+    want = {k: np.concatenate([feats[b][k] for b in plan]) for k in ("pool", "spatial", "logits")}
+    np.testing.assert_array_equal(acts.pool, want["pool"])
+    np.testing.assert_array_equal(acts.logits, want["logits"])
+    np.testing.assert_allclose(acts.pool_stats.mu, want["pool"].astype(np.float64).mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(acts.spatial_stats.sigma, np.cov(want["spatial"].astype(np.float64), rowvar=False),
+                               rtol=1e-9, atol=1e-12)
+    assert read_shard(list_shards(str(tmp_path))[(4, 5)], 4, 5).tolist() == np.full((1, 4, 4, 3), 4).tolist()
+    # features of other weights, no features, wrong shapes: refused, naming the shard
+    with pytest.raises(ValueError, match=r"shard-0000000-0000002\.npz: no Inception features of sha-b"):
+        assemble_features(str(tmp_path), plan, "sha-b")
+    write_shard(str(tmp_path), 2, 4, np.zeros((2, 4, 4, 3), np.uint8))
+    assert shard_features_id(str(tmp_path / "shard-0000002-0000004.npz")) is None
+    with pytest.raises(ValueError, match=r"shard-0000002-0000004\.npz: no Inception features"):
+        assemble_features(str(tmp_path), plan, "sha-a")
+    with pytest.raises(ValueError, match=r"'pool' features are float32 \(3, 2048\), expected float \[2, 2048\]"):
+        write_shard(str(tmp_path), 2, 4, np.zeros((2, 4, 4, 3), np.uint8), _features(3, 0), "sha-a")
+    with pytest.raises(ValueError, match="features_id"):
+        write_shard(str(tmp_path), 2, 4, np.zeros((2, 4, 4, 3), np.uint8), _features(2, 0))

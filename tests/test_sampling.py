@@ -6,8 +6,9 @@ import torch
 
 from conftest import hand_interpolant
 
+import fastrepa.sampling as sampling
 from fastrepa.models import build_model
-from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
+from fastrepa.sampling import euler_maruyama_sampler, euler_sampler, row_noise
 
 
 class Recorder(torch.nn.Module):
@@ -90,7 +91,9 @@ def ref_sde(model, latents, y, num_steps, cfg, lo, hi, null, path, gen):
         dt = t_next - t_cur
         guided = cfg > 1 and lo <= t_cur <= hi
         last = i == num_steps - 1
-        if not last:
+        if not last and isinstance(gen, list):  # one generator per row: row b's own next randn
+            eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float64) for g in gen])
+        elif not last:
             eps = torch.randn(x.shape, generator=gen, dtype=torch.float64, device=gen.device).to(x.device)
         v, x_in, time = _call(model, x, t_cur, y, y_null, latents.dtype, guided)
         d = v - 0.5 * (2 * t_cur) * ref_score(v, x_in, time, path)
@@ -264,6 +267,59 @@ def test_sde_reproducible():
     torch.manual_seed(8)
     e = euler_maruyama_sampler(Recorder(), latents, y, num_steps=5)
     assert torch.equal(d, e)
+
+
+def _row_gens(indices, seed=11):
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in indices]
+
+
+@pytest.mark.parametrize("cfg,lo,hi", [(1.0, 0.0, 1.0), (1.8, 0.0, 0.7)])
+def test_sde_per_row_generators_match_hand_loop(cfg, lo, hi):
+    latents, y = make_inputs(n=3)
+    out = euler_maruyama_sampler(Recorder(), latents, y, num_steps=6, cfg_scale=cfg, guidance_low=lo,
+                                 guidance_high=hi, generator=_row_gens(range(3)))
+    ref = ref_sde(Recorder(), latents, y, 6, cfg, lo, hi, 5, "linear", _row_gens(range(3)))
+    assert torch.equal(out, ref)
+    # and not the one-generator stream: rows really draw from their own generators
+    other = euler_maruyama_sampler(Recorder(), latents, y, num_steps=6, cfg_scale=cfg, guidance_low=lo,
+                                   guidance_high=hi, generator=_row_gens(range(3), seed=12))
+    assert not torch.allclose(out, other)
+
+
+def test_sde_per_row_samples_do_not_depend_on_the_batch():
+    """Sample i with its own generator: the same whether sampled alone, in a batch of 5, or split 2 + 3."""
+    latents, y = make_inputs(n=5)
+    kw = dict(num_steps=5, cfg_scale=2.0, guidance_high=0.7)
+    whole = euler_maruyama_sampler(Recorder(), latents, y, generator=_row_gens(range(5)), **kw)
+    split = torch.cat([euler_maruyama_sampler(Recorder(), latents[a:b], y[a:b], generator=_row_gens(range(a, b)),
+                                              **kw) for a, b in ((0, 2), (2, 5))])
+    alone = torch.cat([euler_maruyama_sampler(Recorder(), latents[i:i + 1], y[i:i + 1],
+                                              generator=_row_gens([i]), **kw) for i in range(5)])
+    assert torch.equal(whole, split) and torch.equal(whole, alone)
+    assert len({round(float(r.sum()), 6) for r in whole}) == 5  # five different samples
+
+
+def test_row_noise_values_do_not_depend_on_threads(monkeypatch):
+    shape = (2, 3, 3)
+    want = []
+    gens = _row_gens(range(7))
+    for _ in range(3):  # row b of draw k: generator b's k-th randn(shape)
+        want.append(torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens]))
+    for threads in (1, 3, 7):
+        monkeypatch.setattr(sampling, "_noise_threads", lambda rows, t=threads: t)
+        got = list(row_noise(_row_gens(range(7)), shape, 3))
+        assert len(got) == 3 and all(g.dtype == torch.float64 for g in got)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    assert list(row_noise(_row_gens(range(2)), shape, 0)) == []
+
+
+def test_sde_per_row_generator_errors():
+    latents, y = make_inputs(n=3)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        euler_maruyama_sampler(Recorder(), latents, y, num_steps=3, generator=_row_gens(range(2)))
+    with pytest.raises(TypeError, match="torch.Generator"):
+        euler_maruyama_sampler(Recorder(), latents, y, num_steps=3, generator=[1, 2, 3])
 
 
 def test_sde_single_step_is_one_mean_step_from_one():

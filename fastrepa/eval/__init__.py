@@ -2,7 +2,8 @@
 
 ``python -m fastrepa.eval samples.npz --ref REF.npz [--inception PATH]``; see cli.py.
 """
-from .features import Activations, compute_activations
+from .features import (FEATURE_KEYS, Activations, FeatureAccumulator, check_features, compute_activations,
+                       image_features)
 from .inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3, InceptionFeatures,
                         default_weights_path, extract_features, file_sha256, find_weights,
                         load_inception)
@@ -11,7 +12,8 @@ from .metrics import (RunningStats, frechet_distance, inception_score, inside_ma
 from .reference import EvalInputError, NpzImages, ReferenceFile, ReferenceStats
 
 __all__ = [
-    "Activations", "compute_activations", "FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "FIDInceptionV3",
+    "FEATURE_KEYS", "Activations", "FeatureAccumulator", "check_features", "compute_activations",
+    "image_features", "FID_WEIGHTS_NAME", "FID_WEIGHTS_URL", "FIDInceptionV3",
     "InceptionFeatures", "default_weights_path", "extract_features", "file_sha256", "find_weights",
     "load_inception", "RunningStats", "frechet_distance", "inception_score", "inside_manifold",
     "manifold_radii", "precision_recall", "EvalInputError", "NpzImages", "ReferenceFile",

@@ -4,6 +4,9 @@ The sequence is ADM's evaluator: reference activations and statistics (from the 
 present), sample activations and statistics, then IS (split size 5000), FID, sFID and precision/
 recall (k=3) of the samples against the reference images. Inputs are validated before the network
 is loaded, so a bad file fails in a second.
+
+`evaluate(acts, ref, ...)` is the part after the sample activations; generate.py calls it with the
+features it computed while sampling, so both paths score with the same code.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from .features import compute_activations
+from .features import Activations, compute_activations
 from .inception import file_sha256, find_weights, load_inception
 from .metrics import frechet_distance, inception_score, precision_recall
-from .reference import EvalInputError, NpzImages, ReferenceFile
+from .reference import EvalInputError, NpzImages, ReferenceFile, ReferenceStats
 
 IS_SPLIT_SIZE = 5000  # ADM
 PR_NEIGHBOURS = 3     # ADM
+METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,67 @@ def _progress(label: str, total: int, quiet: bool):
     return step
 
 
+def score(acts: Activations, ref_stats: ReferenceStats, fd_method: str = "sqrtm",
+          device: str = "cpu") -> dict:
+    """{fid, sfid, inception_score, precision, recall, notes} of sample activations against reference
+    statistics, as ADM's evaluator (IS split 5000, precision/recall with k=3 when the reference has
+    images)."""
+    fid = frechet_distance(acts.pool_stats.mu, acts.pool_stats.sigma, ref_stats.mu, ref_stats.sigma,
+                           method=fd_method)
+    sfid = frechet_distance(acts.spatial_stats.mu, acts.spatial_stats.sigma,
+                            ref_stats.mu_s, ref_stats.sigma_s, method=fd_method)
+    isc = inception_score(acts.logits, split_size=IS_SPLIT_SIZE, from_logits=True)
+    notes = []
+    if ref_stats.pool is not None:
+        precision, recall = precision_recall(ref_stats.pool, acts.pool, k=PR_NEIGHBOURS,
+                                             device=device)
+    else:
+        precision = recall = None
+        notes.append("precision/recall need reference images (arr_0); the reference has only "
+                     "statistics")
+    if acts.n < 2048:
+        notes.append(f"only {acts.n} samples: the 2048-d covariance is rank-deficient and "
+                     "FID is biased upward; ADM reports 50000 samples")
+    return {"fid": fid, "sfid": sfid, "inception_score": isc, "precision": precision,
+            "recall": recall, "notes": notes}
+
+
+def evaluate(acts: Activations, ref: ReferenceFile, model, weights, *, samples, sample_shape,
+             weights_sha256: Optional[str] = None, batch_size: int = 100, device: str = "cpu",
+             fd_method: str = "sqrtm", use_cache: bool = True, quiet: bool = False,
+             sample_features: str = "computed from the samples file", t0: Optional[float] = None) -> dict:
+    """The report of sample activations `acts` (however they were computed: `compute_activations` of
+    an .npz, or gathered from generate.py's shards) against the reference `ref`: metrics, settings
+    and notes. The reference statistics come from the file, its cache or the network `model`."""
+    t0 = time.time() if t0 is None else t0
+    sha = weights_sha256 or file_sha256(weights)
+    ref_n = len(ref.images) if ref.images is not None else 0
+    ref_stats = ref.stats(model, sha, batch_size, use_cache=use_cache,
+                          progress=_progress("reference", ref_n, quiet))
+    metrics = score(acts, ref_stats, fd_method=fd_method, device=device)
+    notes = metrics.pop("notes")
+    report = {
+        **metrics,
+        "settings": {
+            "samples": str(Path(samples).resolve()), "num_samples": acts.n,
+            "sample_shape": list(sample_shape), "sample_features": sample_features,
+            "reference": str(Path(ref.path).resolve()), "num_reference_images": ref_stats.num_images,
+            "reference_stats_source": ref_stats.source,
+            "inception_weights": str(Path(weights).resolve()), "inception_sha256": sha,
+            "batch_size": batch_size, "device": device, "fd_method": fd_method,
+            "is_split_size": IS_SPLIT_SIZE, "pr_neighbours": PR_NEIGHBOURS,
+            "network": "pytorch-fid FID Inception-v3 port (not ADM's TF graph; close, not bit-exact)",
+            "torch": torch.__version__, "seconds": round(time.time() - t0, 2),
+        },
+        "notes": notes,
+    }
+    if not quiet:
+        for k in METRIC_KEYS:
+            v = report[k]
+            print(f"{k}: {'n/a' if v is None else f'{v:.4f}'}")
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -76,48 +141,11 @@ def main(argv: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
     sha = file_sha256(weights)
     model = load_inception(weights, device=device)
 
-    ref_n = len(ref.images) if ref.images is not None else 0
-    ref_stats = ref.stats(model, sha, args.batch_size, use_cache=not args.no_cache,
-                          progress=_progress("reference", ref_n, quiet))
     acts = compute_activations(model, samples.iter_batches(args.batch_size),
                                _progress("samples", len(samples), quiet))
-
-    fid = frechet_distance(acts.pool_stats.mu, acts.pool_stats.sigma, ref_stats.mu, ref_stats.sigma,
-                           method=args.fd_method)
-    sfid = frechet_distance(acts.spatial_stats.mu, acts.spatial_stats.sigma,
-                            ref_stats.mu_s, ref_stats.sigma_s, method=args.fd_method)
-    isc = inception_score(acts.logits, split_size=IS_SPLIT_SIZE, from_logits=True)
-    notes = []
-    if ref_stats.pool is not None:
-        precision, recall = precision_recall(ref_stats.pool, acts.pool, k=PR_NEIGHBOURS,
-                                             device=device)
-    else:
-        precision = recall = None
-        notes.append("precision/recall need reference images (arr_0); the reference has only "
-                     "statistics")
-    if len(samples) < 2048:
-        notes.append(f"only {len(samples)} samples: the 2048-d covariance is rank-deficient and "
-                     "FID is biased upward; ADM reports 50000 samples")
-    report = {
-        "fid": fid, "sfid": sfid, "inception_score": isc,
-        "precision": precision, "recall": recall,
-        "settings": {
-            "samples": str(Path(args.samples).resolve()), "num_samples": len(samples),
-            "sample_shape": list(samples.shape[1:]),
-            "reference": str(Path(args.ref).resolve()), "num_reference_images": ref_stats.num_images,
-            "reference_stats_source": ref_stats.source,
-            "inception_weights": str(Path(weights).resolve()), "inception_sha256": sha,
-            "batch_size": args.batch_size, "device": device, "fd_method": args.fd_method,
-            "is_split_size": IS_SPLIT_SIZE, "pr_neighbours": PR_NEIGHBOURS,
-            "network": "pytorch-fid FID Inception-v3 port (not ADM's TF graph; close, not bit-exact)",
-            "torch": torch.__version__, "seconds": round(time.time() - t0, 2),
-        },
-        "notes": notes,
-    }
-    if not quiet:
-        for k in ("fid", "sfid", "inception_score", "precision", "recall"):
-            v = report[k]
-            print(f"{k}: {'n/a' if v is None else f'{v:.4f}'}")
+    report = evaluate(acts, ref, model, weights, samples=args.samples, sample_shape=samples.shape[1:],
+                      weights_sha256=sha, batch_size=args.batch_size, device=device,
+                      fd_method=args.fd_method, use_cache=not args.no_cache, quiet=quiet, t0=t0)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -241,13 +241,15 @@ def load_inception(path: Optional[Union[str, os.PathLike]] = None,
 
 @torch.no_grad()
 def extract_features(model: FIDInceptionV3, images: torch.Tensor) -> InceptionFeatures:
-    """Run the network in full fp32 (TF32 off on CUDA), returning float32 CPU tensors."""
+    """Run the network in full fp32 (TF32 off on CUDA, any enclosing autocast disabled), returning
+    float32 CPU tensors."""
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        out = model(images)
+        with torch.autocast(model.fc.weight.device.type, enabled=False):
+            out = model(images)
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn_tf32
         torch.backends.cuda.matmul.allow_tf32 = matmul_tf32

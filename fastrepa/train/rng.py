@@ -1,5 +1,6 @@
-"""Seeded random streams: `step_seed(seed, stream, step)` (generate.py's per-sample noise and labels),
-and the trainer's per-sample generators.
+"""Seeded random streams: `step_seed(seed, stream, step)`, `index_generator(seed, stream, index)`
+(generate.py's per-sample streams: initial noise and label, SDE noise) and the trainer's per-sample
+generators.
 
 In training each sample of the global batch has its own generator, seeded by (seed, step, index in the
 global batch), so the draws of a sample do not depend on how many processes share the batch or on
@@ -14,6 +15,17 @@ from fastrepa.objectives.repa import sample_time
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def index_generator(seed: int, stream: int, index: int) -> torch.Generator:
+    """A CPU generator seeded by step_seed(seed, stream, index): stream `stream` of item `index` (e.g. a
+    sample index of generate.py), independent of which batch or process the item falls in."""
+    return torch.Generator().manual_seed(step_seed(seed, stream, int(index)))
+
+
+def index_generators(seed: int, stream: int, indices) -> list[torch.Generator]:
+    """[index_generator(seed, stream, i) for i in indices]: one generator per row of a batch."""
+    return [index_generator(seed, stream, i) for i in indices]
 
 
 _SAMPLE_TAG = 0x5A3  # keeps the per-sample streams apart from step_seed(seed, rank, step) streams
