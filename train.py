@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     from fastrepa.distributed import teardown
-    from fastrepa.train import train  # heavy imports after the flags are known to be good
+    from fastrepa.train import NonFiniteError, train  # heavy imports after the flags are known to be good
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if cfg.dry_run:
@@ -29,6 +29,10 @@ def main(argv=None) -> int:
         print(json.dumps(to_flat(cfg), indent=None), flush=True)
     try:
         report = train(cfg)
+    except NonFiniteError as e:  # every rank agrees; the good weights are checkpointed
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         teardown()
     if rank0:

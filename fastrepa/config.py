@@ -18,6 +18,10 @@ from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+DATA_LOADERS = ("auto", "torch", "dali")
+NONFINITE = ("stop", "skip")
+REPORT_TO = ("auto", "none", "tensorboard", "wandb")
 PARALLELS = ("fsdp", "ddp", "none")
 VAES = ("ema", "mse", "identity")  # or a local diffusers AutoencoderKL folder / a cached HF repo id
 
@@ -99,13 +103,17 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    data_dir: str = flag("../data/imagenet256", "dataset folder in the REPA layout (images/, vae-sd/)")
+    data_dir: str = flag("../data/imagenet256", "dataset folder: the official REPA layout (images/, vae-sd/) or a "
+                                                "pack (manifest.json; python -m fastrepa.data.pack)")
     resolution: int = flag(256, "image resolution")
     vae: str = flag("ema", "SD-VAE for sample grids: ema, mse (stabilityai/sd-vae-ft-*, from the local Hugging "
                            "Face cache), a local AutoencoderKL folder, or identity (pixel-space demo data)")
     latents_scale: float = flag(0.18215, "latent scale (SD-VAE: 0.18215)")
     latents_bias: float = flag(0.0, "latent bias")
-    num_workers: int = flag(4, "data loader worker processes")
+    num_workers: int = flag(4, "data loader worker processes (torch) or CPU threads (DALI)")
+    data_loader: str = flag("auto", "torch (DataLoader, both layouts), dali (packed layout; GPU JPEG decode), or "
+                                    "auto (dali for a packed dataset on CUDA when DALI is installed, else torch)",
+                            choices=DATA_LOADERS)
 
     def __post_init__(self):
         _need(self.resolution >= 8, "resolution", self.resolution, "an image size >= 8")
@@ -113,6 +121,7 @@ class DataConfig:
               f"one of {VAES}, a local AutoencoderKL folder or a Hugging Face repo id")
         _need(self.latents_scale > 0, "latents_scale", self.latents_scale, "a number > 0")
         _need(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _need(self.data_loader in DATA_LOADERS, "data_loader", self.data_loader, f"one of {DATA_LOADERS}")
 
 
 @dataclass
@@ -124,8 +133,13 @@ class OptimConfig:
     adam_epsilon: float = flag(1e-8, "AdamW epsilon")
     max_grad_norm: float = flag(1.0, "gradient-norm clip")
     ema_decay: float = flag(0.9999, "EMA decay per step")
+    lr_schedule: str = flag("constant", "learning rate after the warmup: constant (official REPA) or cosine "
+                                        "(decays to 0 at --max-train-steps)", choices=LR_SCHEDULES)
+    lr_warmup_steps: int = flag(0, "linear learning-rate warmup from 0 over this many steps (official REPA: 0)")
 
     def __post_init__(self):
+        _need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        _need(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "an integer >= 0")
         _need(self.learning_rate > 0, "learning_rate", self.learning_rate, "a number > 0")
         for name in ("adam_beta1", "adam_beta2"):
             _need(0 <= getattr(self, name) < 1, name, getattr(self, name), "a number in [0, 1)")
@@ -140,7 +154,9 @@ class TrainConfig:
     output_dir: str = flag("exps", "folder of experiments")
     exp_name: str = flag("", "experiment name (required): outputs go to OUTPUT_DIR/EXP_NAME")
     logging_dir: str = flag("logs", "accepted for compatibility (metrics go to the experiment folder)")
-    report_to: str = flag("none", "extra metrics sink: none (metrics.jsonl always), wandb, tensorboard")
+    report_to: str = flag("auto", "metrics sink besides metrics.jsonl (always written): auto (TensorBoard when "
+                                  "installed), none, tensorboard, wandb", choices=REPORT_TO)
+    wandb_project: str = flag("REPA", "W&B project of --report-to wandb (official REPA: REPA)")
     sampling_steps: int = flag(10000, "write a sample grid from the EMA model every N steps")
     resume_step: int = flag(0, "resume from the checkpoint of this step in OUTPUT_DIR/EXP_NAME/checkpoints "
                                "(0: the newest complete one there, if any; else start fresh)")
@@ -161,6 +177,13 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each SiT block in place before wrapping (no _orig_mod. keys)")
     activation_checkpointing: bool = flag(False, "recompute each SiT block's activations in the backward pass")
     dry_run: bool = flag(False, "print the resolved config, parameter and FLOP counts, and exit (reads no data)")
+    on_nonfinite: str = flag("stop", "a step whose loss or grad norm is not finite never updates the weights; "
+                                     "stop: checkpoint the weights and exit with an error; skip: drop the step, "
+                                     "count it (metrics, report) and go on", choices=NONFINITE)
+    peak_tflops: float = flag(0.0, "per-device peak TFLOP/s for the MFU metric (0: bf16 dense peak from the "
+                                   "device name, known for H100/H200/A100/...; none on other devices)")
+    dist_timeout: float = flag(1800.0, "seconds a collective waits for the other ranks before failing, so a "
+                                       "rank that died or hangs does not hold the others forever")
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,8 +191,10 @@ class TrainConfig:
 
     def __post_init__(self):
         _need(bool(self.exp_name), "exp_name", self.exp_name, "a non-empty experiment name")
-        _need(self.report_to in ("none", "wandb", "tensorboard"), "report_to", self.report_to,
-              "one of none, wandb, tensorboard")
+        _need(self.report_to in REPORT_TO, "report_to", self.report_to, f"one of {REPORT_TO}")
+        _need(self.on_nonfinite in NONFINITE, "on_nonfinite", self.on_nonfinite, f"one of {NONFINITE}")
+        _need(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "a number >= 0 (0: from the device name)")
+        _need(self.dist_timeout > 0, "dist_timeout", self.dist_timeout, "a number of seconds > 0")
         for name in ("batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
                      "sampling_steps", "epochs", "log_every", "sample_num_steps"):
             _need(getattr(self, name) >= 1, name, getattr(self, name), "a positive integer")

@@ -457,3 +457,16 @@ def test_patch_pixels_unchanged():
     assert enc.embed_dim == 48 and enc.num_tokens == 4
     enc.train()
     assert not enc.training
+
+
+def test_random_init_builds_every_encoder_without_files(tmp_path, monkeypatch):
+    """random_init (for benchmarks) reads no file and has the architecture the FLOP counts assume."""
+    from fastrepa.encoders import SUPPORTED, load_encoder
+    from fastrepa.train.flops import encoder_dims
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no hub cache: a file read would fail
+    monkeypatch.chdir(tmp_path)  # no ckpts/
+    for name in SUPPORTED:
+        with torch.device("meta"):
+            enc = load_encoder(name, resolution=256, grid=16, random_init=True)
+        assert enc.embed_dim == encoder_dims(name, 256, 16)[0] and enc.num_tokens == 256, name
+        assert not any(p.requires_grad for p in enc.parameters()) and not enc.training

@@ -59,22 +59,46 @@ def test_resume_step_continues_exactly(tmp_path, data16):
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
-    import fastrepa.train.loop as loop
-    real = loop.repa_loss
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        d, p = real(*a, **k)
-        calls["n"] += 1
-        return (d * float("nan"), p) if calls["n"] == 5 else (d, p)
-
-    monkeypatch.setattr(loop, "repa_loss", poisoned)
-    with pytest.raises(NonFiniteError, match="step 4"):
-        train(cfg(tmp_path, data16, exp_name="nan"))
-    # the checkpoint of step 3 is intact and is the newest one
+    """A NaN at step 4 stops the run before the update and checkpoints the good weights of step 4 (the
+    step-3 checkpoint stays); a fixed rerun resumes there and ends bit-identical to an uninterrupted run."""
     from fastrepa.train import checkpointing as C
-    step, path = C.latest(str(tmp_path / "nan" / "checkpoints"))
-    assert step == 3 and C.read_extra(path)["step"] == 3
+    from fastrepa.train.step import TEST_NAN_ENV
+    full = train(cfg(tmp_path / "full", data16, exp_name="nan"))
+    monkeypatch.setenv(TEST_NAN_ENV, "4")
+    with pytest.raises(NonFiniteError, match="step 4: .* not finite; the weights were not updated"):
+        train(cfg(tmp_path, data16, exp_name="nan"))
+    ckpts = str(tmp_path / "nan" / "checkpoints")
+    assert [s for s, _ in C.list_complete(ckpts)] == [3, 4]
+    assert len(losses(str(tmp_path / "nan"))) == 4
+    monkeypatch.delenv(TEST_NAN_ENV)
+    rerun = train(cfg(tmp_path, data16, exp_name="nan"))
+    assert rerun["resumed_from"] == 4
+    assert losses(str(tmp_path / "nan")) == losses(full["exp_dir"])
+    a, b = load_checkpoint_file(full["checkpoint"]), load_checkpoint_file(rerun["checkpoint"])
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+
+
+def test_non_finite_skip_leaves_weights_and_counts(tmp_path, data16, monkeypatch):
+    """--on-nonfinite skip: the poisoned step changes nothing (weights, EMA, optimizer state) and is counted."""
+    from fastrepa.train import checkpointing as C
+    from fastrepa.train.step import TEST_NAN_ENV
+    ref = train(cfg(tmp_path / "ref", data16, exp_name="s", max_train_steps=4, checkpointing_steps=4))
+    monkeypatch.setenv(TEST_NAN_ENV, "4")
+    rep = train(cfg(tmp_path, data16, exp_name="s", max_train_steps=5, checkpointing_steps=4, on_nonfinite="skip"))
+    assert rep["nonfinite_skipped"] == 1 and rep["steps"] == 5
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "metrics.jsonl")]
+    assert rows[4]["skipped"] == 1 and rows[4]["loss"] is None
+    assert [r["loss"] for r in rows[:4]] == losses(ref["exp_dir"])
+    a, b = load_checkpoint_file(ref["checkpoint"]), load_checkpoint_file(rep["checkpoint"])
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for pid, state in a["opt"]["state"].items():  # AdamW moments and step counts untouched too
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["opt"]["state"][pid][name])), (pid, name)
+    assert C.read_extra(C.latest(str(tmp_path / "s" / "checkpoints"))[1])["nonfinite_skipped"] == 1
 
 
 def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):
@@ -155,3 +179,23 @@ def test_trains_with_triton_kernels_interpreted(tmp_path, data16):
         train(cfg(out, data16, kernels=kernels, max_train_steps=3, checkpointing_steps=3, sampling_steps=3))
         runs[kernels] = losses(str(out / TINY_RUN["exp_name"]))
     np.testing.assert_allclose(runs["triton"], runs["torch"], rtol=1e-4)
+
+
+def test_packed_data_trains_exactly_like_the_folder(tmp_path, data16):
+    """The same run on the official folder, on its raw pack (torch loader) and, where DALI is installed, on
+    the pack through DALI's CPU pipeline: the same batches, so bit-identical losses."""
+    import importlib.util
+
+    from fastrepa.data.pack import pack
+    packed = str(tmp_path / "packed")
+    pack(data16, packed, "raw", progress=False)
+    loaders = ["torch"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])
+    ref = train(cfg(tmp_path / "folder", data16, max_train_steps=3, checkpointing_steps=3, sampling_steps=3))
+    assert ref["data_loader"] == "torch"
+    for loader in loaders:
+        rep = train(cfg(tmp_path / loader, packed, max_train_steps=3, checkpointing_steps=3, sampling_steps=3,
+                        data_loader=loader))
+        assert rep["data_loader"] == loader
+        assert losses(rep["exp_dir"]) == losses(ref["exp_dir"]), loader
+    with pytest.raises(ValueError, match="--data-loader dali reads packed datasets only"):
+        train(cfg(tmp_path / "bad", data16, data_loader="dali"))

@@ -17,6 +17,7 @@ from fastrepa.generation import model_from_checkpoint
 from fastrepa.train import checkpointing as C
 from fastrepa.train import train
 from fastrepa.train.loop import TEST_EXIT_ENV, TEST_SIGNAL_ENV
+from fastrepa.train.step import TEST_NAN_ENV
 from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ def flags(out, data_dir, **kw):
 
 def launch(argv, nproc=2, env_extra=None, timeout=150):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    for k in (TEST_EXIT_ENV, TEST_SIGNAL_ENV, C.TEST_CRASH_ENV):
+    for k in (TEST_EXIT_ENV, TEST_SIGNAL_ENV, C.TEST_CRASH_ENV, TEST_NAN_ENV):
         if k not in (env_extra or {}):
             env.pop(k, None)
     if nproc == 1:
@@ -128,6 +129,38 @@ def test_exported_pt_and_safetensors_load_strict(runs):
     assert sorted(s for s, _ in C.list_complete(str(ckpt_dir))) == [2, 4, 6]
 
 
+def test_nan_on_one_rank_stops_both_before_the_update(runs):
+    """A NaN loss on rank 1 alone at step 3: both ranks agree, neither updates, the good weights of step 3
+    are checkpointed, the run fails with a clear message; the fixed rerun ends bit-identical."""
+    out = runs["base"] / "nan"
+    r = launch(flags(out, runs["data"]), env_extra={TEST_NAN_ENV: "3:1"})
+    assert r.returncode != 0
+    assert "step 3: loss nan" in r.stderr and "the weights were not updated" in r.stderr
+    assert [s for s, _ in C.list_complete(str(out / "run" / "checkpoints"))] == [2, 3]
+    r = ok(launch(flags(out, runs["data"])))
+    assert "resuming from" in r.stdout and "step 3" in r.stdout
+    assert losses(str(out / "run")) == losses(str(runs["base"] / "fsdp" / "run"))
+
+
+def test_crash_during_a_save_leaves_the_previous_one_and_resumes(runs):
+    out = runs["base"] / "crash"
+    r = launch(flags(out, runs["data"]), env_extra={C.TEST_CRASH_ENV: "after_shards@4"})
+    assert r.returncode != 0 and "simulated crash" in r.stderr
+    ckpts = out / "run" / "checkpoints"
+    assert (ckpts / "step-000000004.partial").is_dir() and C.latest(str(ckpts))[0] == 2
+    r = ok(launch(flags(out, runs["data"])))
+    assert "resuming from" in r.stdout and "step 2" in r.stdout
+    assert not (ckpts / "step-000000004.partial").exists()
+    assert losses(str(out / "run")) == losses(str(runs["base"] / "fsdp" / "run"))
+
+
+def test_one_rank_dying_does_not_hang_the_other(tmp_path, data16):  # noqa: F811
+    # rank 1 exits after step 2 while rank 0 waits in the next step's collective: the launcher ends
+    # the job (and --dist-timeout bounds any wait) instead of hanging until the test's timeout
+    r = launch(flags(tmp_path, data16, dist_timeout=60), env_extra={TEST_EXIT_ENV: "2:1"}, timeout=120)
+    assert r.returncode != 0
+
+
 def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noqa: F811
     # rank 0 alone gets the signal during step 2; both ranks agree, finish it, checkpoint, exit 0
     r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), env_extra={TEST_SIGNAL_ENV: "1"}))
@@ -166,3 +199,30 @@ def test_dry_run_prints_counts_and_writes_nothing(tmp_path, capsys):
     train_cli.main(["--exp-name", "x", "--dry-run"])
     xl = json.loads(capsys.readouterr().out)
     assert 740 < xl["train_gflop_per_image"] < 800 and 670e6 < xl["params"] < 700e6
+
+
+def test_export_command_equals_the_end_of_training_export(runs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fastrepa.train import export
+    exp = runs["base"] / "fsdp" / "run"  # sharded over 2 ranks
+    assert export.main([str(exp), "--pt", str(tmp_path / "a.pt"), "--safetensors", str(tmp_path / "e.st")]) == 0
+    assert "step 6" in capsys.readouterr().out
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(exp / "checkpoints" / "0000006.pt", weights_only=True)
+    assert a["steps"] == b["steps"] == 6 and a["args"] == b["args"]
+    for key in ("model", "ema"):
+        assert set(a[key]) == set(b[key]) and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert a["opt"]["param_groups"] == b["opt"]["param_groups"]
+    for pid, state in b["opt"]["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(a["opt"]["state"][pid][n])) for n, v in state.items())
+    sd = load_file(str(tmp_path / "e.st"))
+    assert all(torch.equal(sd[k], b["ema"][k]) for k in b["ema"])
+    # an older step, by --step, into the default place beside the checkpoints
+    assert export.main([str(exp), "--step", "4", "--only", "pt"]) == 0
+    model, _ = model_from_checkpoint(str(exp / "checkpoints" / "0000004.pt"))  # strict load
+    # bad input names what it expected
+    assert export.main([str(exp), "--step", "5"]) == 2
+    assert "no complete checkpoint of step 5" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err

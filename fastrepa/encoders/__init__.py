@@ -312,9 +312,11 @@ def _load_strict(enc_type, vit: nn.Module, sd, where, resample=True):
     vit.load_state_dict(sd, strict=True)
 
 
-def _build(enc_type, path, resolution):
+def _build(enc_type, path, resolution, random_init=False):
+    """The encoder with its official weights; random_init: the same architecture with random weights and
+    no file read (benchmarks time it without the weight files)."""
     kind, _, size = enc_type.split("-")[:3]
-    raw, where = _read(enc_type, path)
+    raw, where = (None, "random init") if random_init else _read(enc_type, path)
     if kind == "dinov2":
         dim, depth, heads, ffn = _DINOV2[size]
         side = 224 * (resolution // 256)
@@ -331,7 +333,8 @@ def _build(enc_type, path, resolution):
             raise ValueError(f"encoder {enc_type}: resolution {resolution} is not a multiple of its 16px patches")
         if kind == "mocov3":
             dim, depth, heads = _MOCOV3[size]
-            sd = _mocov3_keys(raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw else raw)
+            sd = None if raw is None else _mocov3_keys(raw["state_dict"] if isinstance(raw, dict) and "state_dict" in raw
+                                                      else raw)
         elif kind == "mae":
             dim, depth, heads = _MAE[size]
             sd = raw["model"] if isinstance(raw, dict) and "model" in raw else raw
@@ -347,11 +350,11 @@ def _build(enc_type, path, resolution):
                              f"pos-embed; REPA's 512px runs support DINOv2 only), got resolution {resolution}")
         if kind == "jepa":
             dim, depth, heads = _JEPA[size]
-            if not (isinstance(raw, dict) and "encoder" in raw):
+            if raw is not None and not (isinstance(raw, dict) and "encoder" in raw):
                 raise EncoderWeightsError(f"encoder {enc_type}: {where} is not an I-JEPA checkpoint (a dict with "
                                           f"'encoder'); keys: {', '.join(map(str, list(raw)[:20])) if isinstance(raw, dict) else type(raw).__name__}")
             # REPA cuts key[7:] ('module.' of the DDP-wrapped encoder); a key without it is kept as is
-            sd = {(k[7:] if k.startswith("module.") else k): v for k, v in raw["encoder"].items()}
+            sd = None if raw is None else {(k[7:] if k.startswith("module.") else k): v for k, v in raw["encoder"].items()}
             vit = ViT(patch=14, dim=dim, depth=depth, heads=heads, grid=16, cls_token=False)
             mean, std, first = IMAGENET_MEAN, IMAGENET_STD, False
         else:
@@ -360,34 +363,38 @@ def _build(enc_type, path, resolution):
                 sd = {k[len("visual."):]: v for k, v in raw.items() if k.startswith("visual.")}
             else:
                 sd = raw
-            if isinstance(sd, dict):  # OpenAI's file is fp16; clip.load(device='cpu') makes it fp32
+            if isinstance(sd, dict) and sd:  # OpenAI's file is fp16; clip.load(device='cpu') makes it fp32
                 sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
             vit = CLIPVisual(patch=14, width=width, layers=layers, heads=heads, grid=16, output_dim=out)
             mean, std, first = CLIP_MEAN, CLIP_STD, True
-        if not isinstance(sd, dict):
-            raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
-        _load_strict(enc_type, vit, sd, where, resample=False)
+        if not random_init:
+            if not isinstance(sd, dict):
+                raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
+            _load_strict(enc_type, vit, sd, where, resample=False)
         return PretrainedEncoder(enc_type, vit, resolution, mean, std, resize=side, resize_first=first)
     else:  # pragma: no cover - guarded by SUPPORTED
         raise AssertionError(enc_type)
-    if not isinstance(sd, dict):
-        raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
-    _load_strict(enc_type, vit, sd, where)
+    if not random_init:
+        if not isinstance(sd, dict):
+            raise EncoderWeightsError(f"encoder {enc_type}: {where} holds a {type(sd).__name__}, not a state dict")
+        _load_strict(enc_type, vit, sd, where)
     return PretrainedEncoder(enc_type, vit, resolution, IMAGENET_MEAN, IMAGENET_STD, resize=resize)
 
 
-def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | None = None) -> nn.Module:
+def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | None = None,
+                 random_init: bool = False) -> nn.Module:
     """A frozen eval-mode encoder: uint8 images [B, 3, resolution, resolution] -> tokens [B, T, C].
 
     path: the weight file (default: the places listed in this module's docstring). grid: the model's
     token grid; a pretrained encoder whose grid differs is an error (see `check_grid`); for
-    patch-pixels it sets the patch size (default resolution // 16).
+    patch-pixels it sets the patch size (default resolution // 16). random_init: the architecture with
+    random weights, reading no file (for benchmarks; never for training).
     """
     enc_type = enc_type.strip()
     if enc_type == "patch-pixels":
         enc = PatchPixelEncoder(resolution, grid if grid is not None else resolution // 16)
     elif enc_type in SUPPORTED:
-        enc = _build(enc_type, path, resolution)
+        enc = _build(enc_type, path, resolution, random_init)
         if grid is not None:
             check_grid(enc, grid * grid)
     elif enc_type in NOT_YET:

@@ -52,13 +52,13 @@ Keep-last-K: after a complete save, complete checkpoints beyond the K newest (by
 written is always kept) and every incomplete directory are deleted. K=None keeps all.
 
 `extra` is stored as JSON (never pickled); tuples come back as lists and dict keys as strings. Tensors
-(e.g. a torch.Generator state) are not accepted: the trainer seeds every draw by (seed, rank, step).
+(e.g. a torch.Generator state) are not accepted: the trainer seeds every draw by (seed, step, index of the sample in the global batch).
 DCP itself stores non-tensor optimizer values (lr, betas, param names) as small pickled entries of plain
 Python types; no object of this package is ever pickled.
 
 Test hook: FASTREPA_TEST_CRASH_IN_SAVE=after_shards raises SimulatedCrash on every rank after the shards
 and train_state.json are written and before the marker; =after_marker raises after the marker and before
-the rename. For tests only.
+the rename; a suffix @N (after_shards@4) limits it to the save of step N. For tests only.
 """
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def _dcp_quiet():
         yield
 
 
-def _test_hook(point: str) -> None:
-    if os.environ.get(TEST_CRASH_ENV) == point:
+def _test_hook(point: str, step: int) -> None:
+    if os.environ.get(TEST_CRASH_ENV) in (point, f"{point}@{step}"):
         raise SimulatedCrash(f"{TEST_CRASH_ENV}={point}: simulated crash in the middle of a save (test hook)")
 
 
@@ -354,7 +354,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
             f.flush()
             os.fsync(f.fileno())
     _on_rank0(write_state, f"writing {STATE_FILE}")
-    _test_hook("after_shards")
+    _test_hook("after_shards", step)
     _barrier()
 
     def commit():
@@ -367,7 +367,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
                             "time": time.time(), "torch": torch.__version__, "files": _list_files(partial)})
         _fsync_dir(partial)
     _on_rank0(commit, f"committing {partial}")
-    _test_hook("after_marker")
+    _test_hook("after_marker", step)
 
     def publish():
         old = final + OLD

@@ -63,3 +63,29 @@ def counts(cfg) -> dict:
             "encoder_forward_gflop_per_image": round(enc_flops / 1e9, 3),
             "train_gflop_per_image": round((3 * fwd + enc_flops) / 1e9, 3),
             "train_gflop_per_step": round((3 * fwd + enc_flops) * cfg.batch_size / 1e9, 3)}
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched in this order against
+# torch.cuda.get_device_name(); the MFU metric divides by these. Unknown devices (and the CPU) have none.
+PEAK_BF16_TFLOPS = (
+    ("GH200", 989.4), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),
+    ("H800", 989.4), ("H20", 148.0), ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("L4", 121.0),
+)
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """Per-device peak TFLOP/s: `override` when > 0, else the table's value for this CUDA device, else None."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def train_flops_per_image(model, encoder_names, resolution: int) -> float:
+    """FLOPs of one trained image: 3 x the SiT forward (forward + backward) + one forward per encoder."""
+    grid = model.x_embedder.grid_size
+    enc = sum(encoder_dims(e, resolution, grid)[1] for e in encoder_names)
+    return 3 * sit_forward_flops(model) + enc

@@ -15,31 +15,31 @@ decides, identically on every rank, whether the step is finite and whether to st
 import json
 import os
 import time
-from contextlib import nullcontext
-
 import torch
 from tqdm import tqdm
 
 from fastrepa.attention import check_backend
 from fastrepa.config import TrainConfig, to_flat
-from fastrepa.data import REPAFolderDataset, StepSampler, build_loader
+from fastrepa.data import PackedDataset, StepSampler, build_loader, open_dataset
 from fastrepa.distributed import setup
 from fastrepa.encoders import load_encoder
 from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
-from fastrepa.objectives import repa_loss, total_loss
 from fastrepa.objectives.repa import label_dropout_prob
 from fastrepa.sampling import euler_sampler
 from fastrepa.train import checkpointing as C
-from fastrepa.train.ema import make_ema, update_ema
-from fastrepa.train.parallel import all_reduce_sum, clip_grad_norm, resolve_mode, wrap
+from fastrepa.train.ema import make_ema
+from fastrepa.train.flops import peak_tflops, train_flops_per_image
+from fastrepa.train.parallel import resolve_mode, wrap
 from fastrepa.train.report import MetricsLog, dry_run, write_report
 from fastrepa.train.rng import draw_step
+from fastrepa.train.schedule import lr_at
 from fastrepa.train.signals import StopRequest
+from fastrepa.train.sinks import check_report_to, open_sinks
+from fastrepa.train.step import TEST_NAN_ENV, TrainStep, hook_step
 from fastrepa.vae import decode_to_uint8, load_vae, save_grid
 
-AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-TEST_EXIT_ENV = "FASTREPA_TEST_EXIT_AFTER_STEP"  # test hook: os._exit(3) on every rank after step k
+TEST_EXIT_ENV = "FASTREPA_TEST_EXIT_AFTER_STEP"  # test hook "k" / "k:r": os._exit(3) after step k (on rank r)
 TEST_SIGNAL_ENV = "FASTREPA_TEST_SIGTERM_AT_STEP"  # test hook: rank 0 sends itself SIGTERM during step k+1
 
 
@@ -58,11 +58,24 @@ def check_data_matches(dataset, model, encoders, cfg: TrainConfig) -> None:
     want = (2 * model.in_channels, model.x_embedder.grid_size * model.patch_size)
     if moments.shape[0] != want[0] or moments.shape[-1] != want[1] or moments.shape[-2] != want[1]:
         raise ValueError(
-            f"latent file {dataset.feature_fnames[0]} in {dataset.features_dir} has shape {tuple(moments.shape)}; "
+            f"latents {dataset.describe(0, 'moments')} have shape {tuple(moments.shape)}; "
             f"the model expects moments [{want[0]}, {want[1]}, {want[1]}] (2 x --in-channels, --input-size)")
     if encoders and tuple(image.shape[-2:]) != (cfg.data.resolution, cfg.data.resolution):
-        raise ValueError(f"image {dataset.image_fnames[0]} in {dataset.images_dir} is {tuple(image.shape[-2:])}; "
+        raise ValueError(f"image {dataset.describe(0, 'image')} is {tuple(image.shape[-2:])}; "
                          f"--resolution is {cfg.data.resolution}")
+
+
+def loader_backend(choice: str, dataset, device: torch.device, data_dir: str = "") -> str:
+    """The data loader to use: --data-loader, with auto resolved (DALI only where it pays and exists)."""
+    import importlib.util
+    packed = isinstance(dataset, PackedDataset)
+    if choice == "dali" and not packed:
+        raise ValueError(f"--data-loader dali reads packed datasets only; --data-dir {data_dir} is the official "
+                         f"layout: pack it with python -m fastrepa.data.pack, or use --data-loader torch")
+    if choice == "auto":
+        dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+        return "dali" if packed and device.type == "cuda" and dali else "torch"
+    return choice
 
 
 def sample_grid(ema, vae, cfg: TrainConfig, device, path: str | None, n: int = 16) -> None:
@@ -85,7 +98,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.dry_run:
         return dry_run(cfg)
     t_start = time.time()
-    env = setup()
+    env = setup(timeout_s=cfg.dist_timeout)
     rank0, world = env.is_main, env.world_size
     mode = resolve_mode(cfg.parallel, world)
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
@@ -97,15 +110,16 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.batch_size % (world * cfg.gradient_accumulation_steps):
         raise ValueError(f"--batch-size={cfg.batch_size}: expected a multiple of the {world} processes x "
                          f"--gradient-accumulation-steps={cfg.gradient_accumulation_steps}")
-    use_amp = device.type == "cuda" and cfg.mixed_precision in AUTOCAST
-    if use_amp and cfg.mixed_precision == "fp16" and mode == "fsdp":
+    if device.type == "cuda" and cfg.mixed_precision == "fp16" and mode == "fsdp":
         raise ValueError("--mixed-precision fp16 with --parallel fsdp is not supported: use bf16 (or --parallel ddp)")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
     # Everything that can be wrong with the inputs is checked before any heavy work.
     check_backend(cfg.model.backend())
     check_impl(cfg.model.kernels, device)
-    dataset = REPAFolderDataset(cfg.data.data_dir)
+    check_report_to(cfg.report_to)  # every rank: one failing alone would leave the others waiting
+    dataset = open_dataset(cfg.data.data_dir)
+    backend = loader_backend(cfg.data.data_loader, dataset, device, cfg.data.data_dir)
     overrides = cfg.model_overrides()
     grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
     encoders = [load_encoder(e, resolution=cfg.data.resolution, grid=grid).to(device)
@@ -117,6 +131,11 @@ def train(cfg: TrainConfig) -> dict:
     vae = load_vae(cfg.data.vae).to(device) if rank0 else None
     drop_prob = label_dropout_prob(model)
     n_params = sum(p.numel() for p in model.parameters())
+    flops_per_image = train_flops_per_image(model, cfg.objective.encoders, cfg.data.resolution)
+    peak = peak_tflops(device, cfg.peak_tflops)
+    if cfg.compile:  # the frozen encoders too (they run every step); in place, keys unchanged
+        for enc in encoders:
+            enc.compile()
 
     ema = make_ema(model)
     model, ema = wrap(model, ema, mode, device, bf16=cfg.mixed_precision == "bf16", compile=cfg.compile,
@@ -126,11 +145,12 @@ def train(cfg: TrainConfig) -> dict:
                             weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
                             fused=device.type == "cuda")
     flat = to_flat(cfg)
-    step = 0
+    step = skipped = 0
     found = C.resume_point(ckpt_root, cfg.resume_step or None)
     if found is not None:
         extra = C.load(found[1], model=model, ema=ema, optimizer=opt)
         step = int(extra["step"])
+        skipped = int(extra.get("nonfinite_skipped", 0))
         if rank0:
             print(f"resuming from {found[1]} (step {step}, {extra.get('images', '?')} images seen)", flush=True)
 
@@ -139,26 +159,33 @@ def train(cfg: TrainConfig) -> dict:
         os.makedirs(os.path.join(exp_dir, "samples"), exist_ok=True)
         with open(os.path.join(exp_dir, "config.json"), "w") as f:
             json.dump(flat, f, indent=2)
-    log = MetricsLog(os.path.join(exp_dir, "metrics.jsonl"), resume_step=step) if rank0 else None
+    log = (MetricsLog(os.path.join(exp_dir, "metrics.jsonl"), resume_step=step, flops_per_image=flops_per_image,
+                      peak_flops=peak * 1e12 * world if peak else None, device=device) if rank0 else None)
+    sinks = open_sinks(cfg.report_to, exp_dir, flat, cfg.exp_name, cfg.wandb_project) if rank0 else None
     env.barrier()
 
     sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, env.rank, world, start_step=step,
                           num_steps=max(max_steps - step, 0))
     local_batch, first = cfg.batch_size // world, env.rank * (cfg.batch_size // world)
-    autocast = (torch.autocast("cuda", dtype=AUTOCAST[cfg.mixed_precision]) if use_amp else nullcontext())
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.mixed_precision == "fp16")
-    accum = cfg.gradient_accumulation_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda")
+    step_fn = TrainStep(model, ema, opt, encoders, objective=cfg.objective, data=cfg.data, device=device,
+                        world_size=world, grad_accum=cfg.gradient_accumulation_steps,
+                        max_grad_norm=cfg.optim.max_grad_norm, ema_decay=cfg.optim.ema_decay,
+                        mixed_precision=cfg.mixed_precision, drop_prob=drop_prob)
+    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda", backend=backend,
+                          device=device)
     last_ckpt, last_grid, stopped = (found[1] if found else None), None, None
-    exit_after = int(os.environ.get(TEST_EXIT_ENV, "-1"))
+    saved_step = found[0] if found else None
+    exit_after = hook_step(TEST_EXIT_ENV, env.rank)
     signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "-1"))
+    nan_at = hook_step(TEST_NAN_ENV, env.rank)
     start_step = step
 
     def save(step_now: int) -> str:
+        nonlocal saved_step
+        saved_step = step_now
         return C.save(ckpt_root, step_now, model=model, ema=ema, optimizer=opt, keep_last=cfg.keep_last,
                       extra={"step": step_now, "images": step_now * cfg.batch_size, "seed": cfg.seed,
-                             "world_size": world, "config": flat})
+                             "world_size": world, "nonfinite_skipped": skipped, "config": flat})
 
     def grid(step_now: int):
         path = os.path.join(exp_dir, "samples", f"{step_now:07d}.png") if rank0 else None
@@ -169,6 +196,9 @@ def train(cfg: TrainConfig) -> dict:
     def draw(s, latent_shape):
         return draw_step(cfg.seed, s, first, local_batch, latent_shape, weighting=cfg.objective.weighting,
                          path_type=cfg.objective.path_type, drop_prob=drop_prob)
+
+    def lr(s):
+        return lr_at(s, cfg.optim.learning_rate, cfg.optim.lr_schedule, cfg.optim.lr_warmup_steps, max_steps)
 
     pending = {}  # step -> its random draws, made one step ahead
     model.train()
@@ -181,58 +211,44 @@ def train(cfg: TrainConfig) -> dict:
             if rank0 and step == signal_at:
                 os.kill(os.getpid(), StopRequest.SIGNALS[0])
             raw, moments, labels = (t.to(device, non_blocking=True) for t in (raw, moments, labels))
-            with torch.no_grad():
-                zs_all = [enc(raw) for enc in encoders]
-            mean, std = moments.chunk(2, dim=1)
-            latent_shape = tuple(mean.shape[1:])
-            eps, t_all, noise_all, drop_all = pending.pop(step, None) or draw(step, latent_shape)
-            x_all = (mean + std * eps.to(device, mean.dtype)) * cfg.data.latents_scale + cfg.data.latents_bias
-            loss_sum = denoise_sum = proj_sum = torch.zeros((), device=device)
-            for k in range(accum):
-                part = slice(k * local_batch // accum, (k + 1) * local_batch // accum)
-                with autocast:
-                    denoise, proj = repa_loss(
-                        model, x_all[part], labels[part], [z[part] for z in zs_all], time=t_all[part],
-                        noise=noise_all[part], force_drop_ids=drop_all[part].to(device) if drop_prob > 0 else None,
-                        path_type=cfg.objective.path_type, prediction=cfg.objective.prediction,
-                        weighting=cfg.objective.weighting)
-                    loss = total_loss(denoise, proj, cfg.objective.proj_coeff)
-                scaler.scale(loss / accum).backward()
-                loss_sum = loss_sum + loss.detach() / accum
-                denoise_sum = denoise_sum + denoise.detach().mean() / accum
-                proj_sum = proj_sum + proj.detach() / accum
-            # One all-reduce: the mean losses over the ranks and the stop request (any rank's signal).
-            stats = torch.stack([loss_sum, denoise_sum, proj_sum,
-                                 torch.tensor(float(stop.flag), device=device)]).float()
-            stats = all_reduce_sum(stats)
-            losses = stats[:3] / world
-            scaler.unscale_(opt)
-            grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm)
-            # The next step's draws (CPU work: ~3 ms for 32 samples at 256px here) are made now, while
-            # the device still runs this step, instead of after the sync where the device would wait.
-            pending[step + 1] = draw(step + 1, latent_shape)
-            # The one host sync: the same two booleans on every rank.
-            ok, stop_now = torch.stack([torch.isfinite(losses[0]) & torch.isfinite(grad_norm),
-                                        stats[3] > 0]).tolist()
-            if not ok:
-                raise NonFiniteError(f"step {step}: loss {float(losses[0])} / grad norm {float(grad_norm)} is not "
-                                     f"finite; the weights were not updated (last checkpoint: {last_ckpt})")
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, cfg.optim.ema_decay)
+            latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
+            draws = pending.pop(step, None) or draw(step, latent_shape)
+
+            def draw_next(s=step + 1):
+                # The next step's draws (CPU work: ~3 ms for 32 samples at 256px here) are made while the
+                # device still runs this step, instead of after the sync where the device would wait.
+                pending[s] = draw(s, latent_shape)
+
+            res = step_fn(raw, moments, labels, draws, lr=lr(step), stop_flag=stop.flag, poison=step == nan_at,
+                          before_sync=draw_next)
+            if not res.finite:
+                what = (f"step {step}: loss {float(res.losses[0])} / grad norm {float(res.grad_norm)} is not "
+                        f"finite; the weights were not updated")
+                if cfg.on_nonfinite == "stop":
+                    # The weights, optimizer state and EMA are those after step-1 steps: good ones, saved
+                    # (unless that step is saved already) so a fixed rerun resumes right here.
+                    if saved_step != step:
+                        last_ckpt = save(step)
+                    raise NonFiniteError(f"{what}; stopping (--on-nonfinite stop). Last good checkpoint: "
+                                         f"{last_ckpt}")
+                skipped += 1
+                if rank0:
+                    tqdm.write(f"{what}; skipped ({skipped} so far, --on-nonfinite skip)")
             step += 1
 
             if rank0:
                 bar.update(1)
-                row = log.add(step, cfg.batch_size, losses[1], losses[2], grad_norm, opt.param_groups[0]["lr"],
-                              write=step % cfg.log_every == 0 or step == max_steps or stop_now)
+                row = log.add(step, cfg.batch_size, res.losses[1], res.losses[2], res.grad_norm,
+                              opt.param_groups[0]["lr"], finite=res.finite,
+                              write=step % cfg.log_every == 0 or step == max_steps or res.stop)
                 if row is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
-                                    img_s=f"{row['images_per_s']:.0f}")
-            if step % cfg.checkpointing_steps == 0 or step == max_steps or stop_now:
+                    sinks.log(row)
+                    if row["loss"] is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
+                                        img_s=f"{row['images_per_s']:.0f}")
+            if step % cfg.checkpointing_steps == 0 or step == max_steps or res.stop:
                 last_ckpt = save(step)
-            if stop_now:
+            if res.stop:
                 stopped = stop.name
                 if rank0:
                     print(f"\n{stopped}: stopped after step {step}; checkpoint {last_ckpt}", flush=True)
@@ -251,15 +267,20 @@ def train(cfg: TrainConfig) -> dict:
         C.export_ema_safetensors(ema, os.path.join(ckpt_root, f"ema-{step:07d}.safetensors"), config=flat)
     images_trained = (step - start_step) * cfg.batch_size
     report = {
-        "exp_dir": exp_dir, "device": str(device), "world_size": world, "parallel": mode, "model": cfg.model.model,
+        "exp_dir": exp_dir, "device": str(device), "world_size": world, "parallel": mode, "data_loader": backend, "model": cfg.model.model,
         "params": n_params, "encoders": cfg.objective.encoders, "resumed_from": found[0] if found else None,
         "steps": step, "batch_size": cfg.batch_size, "images_trained": images_trained,
         "train_seconds": round(train_time, 2), "wall_seconds": round(time.time() - t_start, 2),
         "images_per_s": round(images_trained / max(train_time, 1e-9), 2), "stopped_by": stopped,
+        "nonfinite_skipped": skipped, "train_flop_per_image": int(flops_per_image),
+        "peak_tflops_per_device": peak,
+        "mfu": (float(f"{images_trained / max(train_time, 1e-9) * flops_per_image / (peak * 1e12 * world):.4g}")
+                if peak else None), "metrics_sinks": sinks.names if rank0 else None,
         **(log.summary() if rank0 else {}), "checkpoint": checkpoint, "sample_grid": last_grid,
     }
     if rank0:
         log.close()
+        sinks.close()
         write_report(report, exp_dir)
     env.barrier()
     return report

@@ -1,19 +1,34 @@
-"""Rank-0 outputs of a run: metrics.jsonl (resume-consistent), report.json / report.md, and --dry-run."""
+"""Rank-0 outputs of a run: metrics.jsonl (resume-consistent), report.json / report.md, and --dry-run.
+
+A metrics row: step, images, loss (the denoising loss, as official REPA logs it), proj_loss, grad_norm, lr,
+images_per_s, mfu (model FLOPs utilisation: trained images/s x FLOPs per image / the peak of all devices;
+null where the peak is unknown), peak_mem_gib (CUDA: the most memory allocated so far on rank 0's device;
+CPU: rank 0's peak resident set), skipped (steps of the window dropped as non-finite, --on-nonfinite skip).
+Averages are over the window's finite steps.
+"""
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 import torch
+
+
+def peak_memory_gib(device: torch.device | None) -> float:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class MetricsLog:
     """Windowed metrics, one JSON line per logged step. On resume from step S the lines of steps > S (written
     by a run that died after its last checkpoint) are dropped, so the file reads like one uninterrupted run."""
 
-    def __init__(self, path: str, resume_step: int = 0):
-        self.path = path
+    def __init__(self, path: str, resume_step: int = 0, flops_per_image: float | None = None,
+                 peak_flops: float | None = None, device: torch.device | None = None):
+        self.path, self.flops_per_image, self.peak_flops, self.device = path, flops_per_image, peak_flops, device
         rows = []
         if os.path.exists(path):
             with open(path) as f:
@@ -31,22 +46,32 @@ class MetricsLog:
         self._new_window()
 
     def _new_window(self):
-        self.window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0}
+        self.window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0,
+                       "skipped": 0}
 
-    def add(self, step, batch, denoise, proj, grad_norm, lr, write: bool):
+    def add(self, step, batch, denoise, proj, grad_norm, lr, write: bool, finite: bool = True):
         """Accumulate one step (tensors stay on the device); returns the row when `write`."""
         w = self.window
-        w["loss"] += denoise.detach()  # as official REPA logs it: the denoising loss alone
-        w["proj_loss"] += proj.detach()
-        w["grad_norm"] += grad_norm.detach()
-        w["n"] += 1
+        if finite:
+            w["loss"] += denoise.detach()  # as official REPA logs it: the denoising loss alone
+            w["proj_loss"] += proj.detach()
+            w["grad_norm"] += grad_norm.detach()
+            w["n"] += 1
+        else:
+            w["skipped"] += 1
         w["images"] += batch
         if not write:
             return None
         dt = time.time() - w["t"]
-        row = {"step": step, "images": step * batch, "loss": float(w["loss"]) / w["n"],
-               "proj_loss": float(w["proj_loss"]) / w["n"], "grad_norm": float(w["grad_norm"]) / w["n"],
-               "lr": lr, "images_per_s": w["images"] / max(dt, 1e-9)}
+        n = w["n"]
+        images_per_s = w["images"] / max(dt, 1e-9)
+        mfu = (images_per_s * self.flops_per_image / self.peak_flops
+               if self.flops_per_image and self.peak_flops else None)
+        row = {"step": step, "images": step * batch, "loss": float(w["loss"]) / n if n else None,
+               "proj_loss": float(w["proj_loss"]) / n if n else None,
+               "grad_norm": float(w["grad_norm"]) / n if n else None, "lr": lr, "images_per_s": images_per_s,
+               "mfu": None if mfu is None else float(f"{mfu:.4g}"), "peak_mem_gib": round(peak_memory_gib(self.device), 3),
+               "skipped": w["skipped"]}
         self.history.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -54,7 +79,7 @@ class MetricsLog:
         return row
 
     def summary(self) -> dict:
-        h = self.history
+        h = [r for r in self.history if r["loss"] is not None]
         return {"first_loss": h[0]["loss"] if h else None, "last_loss": h[-1]["loss"] if h else None,
                 "first_proj_loss": h[0]["proj_loss"] if h else None,
                 "last_proj_loss": h[-1]["proj_loss"] if h else None}
