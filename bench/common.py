@@ -37,6 +37,28 @@ class BenchUsageError(ValueError):
     """A suite refused its arguments (e.g. an unknown op name): run.py turns it into a usage error."""
 
 
+def parse_names(arg, known, suite, flag="--variants"):
+    """The names of a comma list flag (all of `known` when empty); a BenchUsageError naming the unknown ones."""
+    if not arg:
+        return list(known)
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchUsageError(f"{flag}: unknown variant(s) {', '.join(unknown)}; the {suite} suite knows: "
+                              f"{', '.join(known)}")
+    return names
+
+
+def triton_skip_reason():
+    """Why Triton kernels cannot be timed in this process, or None."""
+    from fastrepa.kernels import _dispatch
+    if _dispatch.interpreting():
+        return "TRITON_INTERPRET is set: the interpreter measures nothing real"
+    if not _dispatch.HAS_TRITON:
+        return "the triton package is not installed"
+    return None
+
+
 # ----------------------------------------------------------------------------------------- timing
 
 def _reset_grads(leaves):

@@ -8,8 +8,15 @@ entry. PLANNED names the suites that are not built yet, so asking for them says 
 obscurely.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Before torch starts its OpenMP pool: on the CPU, torch.compile's generated kernels bring a second
+# OpenMP runtime, and two pools spin-waiting on the same cores made compiled train steps 20-40x slower
+# than eager here (612 vs 11 ms, --suite train --quick). Passive waiting removes that; a GPU run is
+# unaffected. An explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))  # the sibling modules (common, *_suite), also from a fresh clone
@@ -19,16 +26,16 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import kernels_suite  # noqa: E402
 import sample_suite  # noqa: E402
+import train_suite  # noqa: E402
+import data_suite  # noqa: E402
 
 SUITES = {
     "kernels": kernels_suite.run,
     "sample": sample_suite.run,
+    "train": train_suite.run,
+    "data": data_suite.run,
 }
-PLANNED = {
-    "train": "issue 4: train-step throughput and MFU",
-    "data": "issue 5: data loader throughput",
-    "sample": "issue 6: sampler throughput",
-}
+PLANNED = {}  # name -> why it is not built yet (none today)
 # Fields run.py adds to every suite's result unless the suite set them itself (the sample suite times
 # multi-step calls with its own repeat counts).
 SUITE_MAY_SET = ("repeats", "warmup", "timer")
@@ -77,14 +84,21 @@ def build_parser():
     p.add_argument("--ops", default=None,
                    help=f"comma list of kernel ops to run (default all: {','.join(kernels_suite.OPS)})")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
-                   help="comma list of batch sizes (kernels: default 32,128 on CUDA, 1 on the CPU; sample: "
+                   help="comma list of batch sizes (kernels: default 32,128 on CUDA, 1 on the CPU; train: default "
+                        f"{','.join(map(str, train_suite.CUDA_BATCH_SIZES))} on CUDA, 2 on the CPU; sample: "
                         f"default {','.join(map(str, sample_suite.CUDA_BATCH_SIZES))} on CUDA, "
                         f"{','.join(map(str, sample_suite.CPU_BATCH_SIZES))} on the CPU; 2 with --quick)")
     p.add_argument("--model", default=None,
-                   help=f"sample suite: the model, random weights (default {sample_suite.CUDA_MODEL} on CUDA, "
-                        f"{sample_suite.CPU_MODEL} on the CPU; --quick shrinks it to a tiny width)")
+                   help=f"sample and train suites: the model, random weights (default {sample_suite.CUDA_MODEL} on "
+                        f"CUDA, {sample_suite.CPU_MODEL} on the CPU; --quick shrinks it to a tiny width)")
     p.add_argument("--variants", default=None,
-                   help=f"sample suite: comma list of variants (default all: {','.join(sample_suite.VARIANTS)})")
+                   help=f"sample / train suite: comma list of variants (default all; sample: "
+                        f"{','.join(sample_suite.VARIANTS)}; train: {','.join(train_suite.VARIANTS)})")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="data suite: DataLoader worker processes / DALI threads (default min(8, CPU count))")
+    p.add_argument("--enc-type", default=None,
+                   help=f"train suite: the REPA encoder, random weights (default {train_suite.CUDA_ENCODER} on CUDA, "
+                        f"{train_suite.CPU_ENCODER} on the CPU, {train_suite.QUICK_ENCODER} with --quick)")
     p.add_argument("--validate-steps", type=_non_negative, default=None,
                    help="sample suite: steps of the whole sample_batch run that checks the estimate (default 25 "
                         "on CUDA, 10 on the CPU, 3 with --quick; 250 = the full protocol; 0 = skip it)")
@@ -111,11 +125,12 @@ def main(argv=None):
         parser.error(f"suite {args.suite!r} is not built yet ({PLANNED[args.suite]}); suites available now: "
                      f"{', '.join(SUITES)} (or --suite all)")
 
-    if "sample" in names:  # its usage errors before any suite has run
-        try:
-            sample_suite.check_args(args)
-        except common.BenchUsageError as e:
-            parser.error(str(e))
+    for name, check in (("sample", sample_suite.check_args), ("train", train_suite.check_args)):
+        if name in names:  # usage errors before any suite has run
+            try:
+                check(args)
+            except common.BenchUsageError as e:
+                parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +152,8 @@ def main(argv=None):
         fields = {
             "suite": name, "command": command, "argv": sys.argv if argv is None else [sys.argv[0], *argv],
             "python_executable": sys.executable, "started": started, "finished": common.now_utc(),
-            "env": env, "dtype": ctx.dtype_name, "quick": ctx.quick, "repeats": ctx.repeats,
+            "env": env, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "dtype": ctx.dtype_name,
+            "quick": ctx.quick, "repeats": ctx.repeats,
             "warmup": ctx.warmup, "timer": ctx.timer(), "bandwidth": ctx.bandwidth(), "matmul": ctx.matmul(),
         }
         result.update({k: v for k, v in fields.items() if not (k in SUITE_MAY_SET and k in result)})

@@ -1,0 +1,286 @@
+"""Train suite: images/s and MFU of one optimizer step of REPA, timed on the trainer's own step function
+(`fastrepa.train.step.TrainStep`, the code `train.py` runs), one process on one device.
+
+A step is what the trainer does per step minus data loading: the frozen encoder's forward (no_grad, under
+the step's autocast), the SiT forward/backward of the REPA loss (denoising + 0.5 x alignment), the grad-norm
+clip, the host sync, AdamW and the EMA update, plus the next step's per-sample random draws (made before the
+sync, as in the trainer). Inputs are random uint8 images and SD-VAE-shaped latent moments already on the
+device; weights are random (the SiT's zero-initialised adaLN / final layers redrawn so every path carries
+signal; the encoder built with `random_init`, so no weight file is needed). Weights do not change speed.
+
+Variants (each measured in the same run, same weights and inputs):
+- eager:              the official-REPA-equivalent path: no compile, fused attention (sdpa) only, PyTorch
+                      reference ops, torch's default (foreach) AdamW;
+- eager+fused-adamw:  the same with AdamW(fused=True), fastrepa's replacement for apex's fused Adam;
+- compile:            every SiT block and the encoder compiled in place (as `--compile`), fused AdamW;
+- compile+triton:     the same with the Triton kernels (`--kernels triton`; CUDA only).
+Per row: the median step time over the repeats (first call, which compiles, timed apart), images/s,
+TFLOP/s from the FLOP count of `fastrepa.train.flops` (3 x SiT forward + encoder forward per image), MFU
+against the device's data-sheet bf16 peak (CUDA; none on the CPU) and against this run's matmul probe,
+peak device memory (CUDA), and the loss of the first step (same weights and inputs: the variants must
+agree up to rounding).
+"""
+import statistics
+import time
+
+import torch
+
+from common import BenchUsageError, fmt, num, parse_names, time_calls, timer_description, triton_skip_reason
+from sample_suite import _free, _short, _sync, build
+
+CUDA_MODEL, CPU_MODEL = "SiT-XL/2", "SiT-S/2"
+CUDA_ENCODER, CPU_ENCODER = "dinov2-vit-b", "dinov2-vit-s"
+CUDA_BATCH_SIZES, CPU_BATCH_SIZES, QUICK_BATCH_SIZES = [32, 64], [2], [2]
+RESOLUTION = 256
+# --quick: a tiny width on an 8x8 latent (T=16), two blocks, the parameter-free patch encoder
+QUICK_OVERRIDES = dict(hidden_size=64, depth=2, num_heads=4, input_size=8, encoder_depth=1, projector_dim=32)
+QUICK_ENCODER, QUICK_RESOLUTION = "patch-pixels", 64
+
+
+class Variant:
+    def __init__(self, name, kernels, compiled, fused_adamw, cuda_only=False):
+        self.name, self.kernels, self.compiled = name, kernels, compiled
+        self.fused_adamw, self.cuda_only = fused_adamw, cuda_only
+
+    def describe(self):
+        return (f"kernels={self.kernels}, " + ("per-block compile + compiled encoder" if self.compiled else "eager")
+                + f", AdamW({'fused=True' if self.fused_adamw else 'foreach (default)'})")
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("eager", "torch", compiled=False, fused_adamw=False),
+    Variant("eager+fused-adamw", "torch", compiled=False, fused_adamw=True),
+    Variant("compile", "torch", compiled=True, fused_adamw=True),
+    Variant("compile+triton", "triton", compiled=True, fused_adamw=True, cuda_only=True),
+]}
+
+
+def parse_variants(arg):
+    return parse_names(arg, VARIANTS, "train")
+
+
+def check_args(args):
+    from fastrepa.encoders import EMBEDDED, SUPPORTED
+    from fastrepa.models import MODEL_NAMES
+    model_name, enc = getattr(args, "model", None), getattr(args, "enc_type", None)
+    if model_name and model_name not in MODEL_NAMES:
+        raise BenchUsageError(f"--model: unknown model {model_name!r}; known: {', '.join(MODEL_NAMES)}")
+    if enc and enc not in (*EMBEDDED, *SUPPORTED):
+        raise BenchUsageError(f"--enc-type: unknown encoder {enc!r}; known: {', '.join((*EMBEDDED, *SUPPORTED))}")
+    return parse_variants(getattr(args, "variants", None))
+
+
+def plan(ctx):
+    """(model name, overrides, encoder, resolution, batch sizes, reduced, reason, label)."""
+    args, on_cuda = ctx.args, ctx.device.type == "cuda"
+    name = getattr(args, "model", None) or (CUDA_MODEL if on_cuda else CPU_MODEL)
+    if ctx.quick:
+        batches = args.batch_sizes or QUICK_BATCH_SIZES
+        enc = getattr(args, "enc_type", None) or QUICK_ENCODER
+        label = f"tiny ({name} with D=64, depth 2, 8x8 latent, {enc})"
+        return name, dict(QUICK_OVERRIDES), enc, QUICK_RESOLUTION, batches, True, (
+            f"--quick: {label}, batch sizes {batches}; a smoke test of the bench, not performance numbers"), label
+    enc = getattr(args, "enc_type", None) or (CUDA_ENCODER if on_cuda else CPU_ENCODER)
+    batches = args.batch_sizes or (CUDA_BATCH_SIZES if on_cuda else CPU_BATCH_SIZES)
+    reasons = []
+    if name != CUDA_MODEL:
+        reasons.append(f"{name} instead of {CUDA_MODEL}")
+    if enc != CUDA_ENCODER:
+        reasons.append(f"{enc} instead of {CUDA_ENCODER}")
+    if batches != CUDA_BATCH_SIZES:
+        reasons.append(f"batch sizes {batches} instead of {CUDA_BATCH_SIZES}")
+    if not on_cuda:
+        reasons.append("fp32 on the CPU (no autocast); CUDA-only variants skipped")
+    return name, {}, enc, RESOLUTION, batches, bool(reasons), ("; ".join(reasons) or None), f"{name} + {enc}"
+
+
+def repeats_warmup(ctx):
+    if ctx.args.repeats:
+        return ctx.args.repeats, 1
+    if ctx.quick:
+        return 2, 1
+    return (20, 3) if ctx.device.type == "cuda" else (3, 1)
+
+
+def skip_reason(ctx, variant):
+    if variant.cuda_only and ctx.device.type != "cuda":
+        return "needs CUDA: the Triton kernels are timed only on a GPU (the CPU would run the interpreter)"
+    return triton_skip_reason() if variant.kernels == "triton" else None
+
+
+def inputs(B, resolution, in_channels, latent, num_classes, device):
+    """Random uint8 images, SD-VAE-like moments (mean, std) and labels, the same for every variant."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (B, 3, resolution, resolution), generator=g, dtype=torch.uint8)
+    mean = torch.randn(B, in_channels, latent, latent, generator=g) * 5
+    std = torch.rand(B, in_channels, latent, latent, generator=g) * 0.1 + 0.01
+    labels = torch.randint(0, num_classes, (B,), generator=g)
+    return raw.to(device), torch.cat([mean, std], 1).to(device), labels.to(device)
+
+
+def make_step(ctx, variant, name, overrides, enc_type, resolution):
+    """The model, EMA, optimizer and encoder of one variant, wrapped in the trainer's TrainStep."""
+    from fastrepa.config import DataConfig, ObjectiveConfig
+    from fastrepa.encoders import load_encoder
+    from fastrepa.objectives.repa import label_dropout_prob
+    from fastrepa.train.ema import make_ema
+    from fastrepa.train.parallel import compile_blocks
+    from fastrepa.train.step import TrainStep
+
+    device = ctx.device
+    from fastrepa.models import model_kwargs
+    probe = model_kwargs(name, **overrides)
+    torch.manual_seed(1)  # the encoder's random weights, the same in every variant
+    encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
+                           random_init=True).to(device)
+    model, kw = build(name, {**overrides, "z_dims": [encoder.embed_dim]}, variant.kernels, device)
+    model.train()
+    ema = make_ema(model)
+    if variant.compiled:
+        compile_blocks(model)
+        encoder.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
+                            **({"fused": True} if variant.fused_adamw else {"foreach": True}))
+    objective = ObjectiveConfig(enc_type=enc_type)
+    step = TrainStep(model, ema, opt, [encoder], objective=objective, data=DataConfig(resolution=resolution),
+                     device=device, mixed_precision="bf16" if ctx.dtype == torch.bfloat16 else "no",
+                     drop_prob=label_dropout_prob(model))
+    return step, model, kw, encoder
+
+
+def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats, warmup):
+    from fastrepa.train.flops import peak_tflops, train_flops_per_image
+    from fastrepa.train.rng import draw_step
+
+    device = ctx.device
+    step_fn, model, kw, encoder = make_step(ctx, variant, name, overrides, enc_type, resolution)
+    latent = kw["input_size"]
+    raw, moments, labels = inputs(B, resolution, kw["in_channels"], latent, kw["num_classes"], device)
+    shape = (kw["in_channels"], latent, latent)
+    obj = step_fn.objective
+    draw = lambda s: draw_step(0, s, 0, B, shape, weighting=obj.weighting, path_type=obj.path_type,  # noqa: E731
+                               drop_prob=step_fn.drop_prob)
+    state = {"step": 0, "draws": draw(0), "loss": None}
+
+    def one_step():
+        s = state["step"]
+
+        def draw_next():
+            state["next"] = draw(s + 1)
+        res = step_fn(raw, moments, labels, state["draws"], lr=1e-4, before_sync=draw_next)
+        if not res.finite:
+            raise RuntimeError(f"step {s}: the loss is not finite ({float(res.losses[0])})")
+        if state["loss"] is None:
+            state["loss"] = float(res.losses[0])
+        state["step"], state["draws"] = s + 1, state.pop("next")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    one_step()  # the first call: compiles (compiled variants) and allocates the optimizer state
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    times = time_calls(one_step, device, repeats, warmup)
+    med = statistics.median(times)
+    flops = train_flops_per_image(model, [enc_type], resolution)
+    peak = peak_tflops(device)
+    tflops = B * flops / (med * 1e-3) / 1e12
+    row = {"status": "ok", "step_ms": med, "step_ms_min": min(times), "step_ms_max": max(times),
+           "first_call_s": round(first_s, 3), "images_per_s": B / (med * 1e-3), "flops_per_image": flops,
+           "TFLOP_per_s": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+           "first_loss": state["loss"], "steps_run": state["step"],
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+           "tokens": (latent // kw["patch_size"]) ** 2, "hidden_size": kw["hidden_size"], "depth": kw["depth"],
+           "encoder_tokens": encoder.num_tokens, "encoder_dim": encoder.embed_dim}
+    del step_fn, model, encoder
+    return row
+
+
+def add_metrics(rows, matmul_tflops):
+    eager = {r["B"]: r for r in rows if r["variant"] == "eager" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["pct_of_matmul_probe"] = 100 * r["TFLOP_per_s"] / matmul_tflops if matmul_tflops else None
+        e = eager.get(r["B"])
+        r["speedup_vs_eager"] = r["images_per_s"] / e["images_per_s"] if e and r["variant"] != "eager" else None
+        r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - e["first_loss"]) / abs(e["first_loss"])
+                                       if e else None)
+    return rows
+
+
+HEADERS = ["model", "B", "variant", "ms/step", "img/s", "TFLOP/s", "MFU % (peak)", "% matmul probe", "x eager",
+           "peak GiB", "first loss", "note"]
+
+
+def table_rows(rows):
+    out = []
+    for r in rows:
+        if r["status"] == "ok":
+            note = f"first call {r['first_call_s']:.1f} s"
+        else:
+            reason = r["reason"] or ""
+            note = f"{r['status']}: " + (reason.split(":")[0] if r["status"] == "skipped" else reason[:80])
+        mfu = r.get("mfu")
+        out.append([r["model"], r["B"], r["variant"], fmt(r.get("step_ms"), ".4g"), num(r.get("images_per_s")),
+                    num(r.get("TFLOP_per_s")), num(None if mfu is None else 100 * mfu),
+                    num(r.get("pct_of_matmul_probe")), fmt(r.get("speedup_vs_eager"), ".2f"),
+                    fmt(r.get("peak_mem_gib"), ".1f"), fmt(r.get("first_loss"), ".5g"), note])
+    return out
+
+
+def run(args, ctx):
+    names = check_args(args)
+    name, overrides, enc, resolution, batches, reduced, reduced_reason, label = plan(ctx)
+    repeats, warmup = repeats_warmup(ctx)
+    matmul = ctx.matmul()
+    rows = []
+    for vname in names:
+        variant = VARIANTS[vname]
+        reason = skip_reason(ctx, variant)
+        for B in batches:
+            row = {"model": label, "model_name": name, "encoder": enc, "resolution": resolution, "B": B,
+                   "variant": vname, "impl": variant.describe(), "kernels": variant.kernels,
+                   "compile": variant.compiled, "fused_adamw": variant.fused_adamw, "dtype": ctx.dtype_name,
+                   "repeats": repeats, "warmup": warmup, "status": None, "reason": None}
+            if reason:
+                row.update(status="skipped", reason=reason)
+                rows.append(row)
+                continue
+            t0 = time.perf_counter()
+            try:
+                row.update(run_variant(ctx, variant, name, overrides, enc, resolution, B, repeats, warmup))
+            except Exception as e:  # noqa: BLE001 - one failing variant (OOM, compile error) must not stop the suite
+                row.update(status="error", reason=_short(e))
+            finally:
+                if variant.compiled:
+                    torch._dynamo.reset()
+                _free(ctx.device)
+            rows.append(row)
+            print(f"[train] {label} B={B} {vname}: " + (
+                f"{row['step_ms']:.4g} ms/step, {row['images_per_s']:.3g} img/s" if row["status"] == "ok"
+                else f"{row['status']}: {row['reason']}") + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+    add_metrics(rows, matmul.get("TFLOP_per_s"))
+    notes = ["One process on one device; data loading is not in the step (inputs sit on the device). Multi-GPU "
+             "FSDP2 adds the all-gathers and reduce-scatters that overlap with compute."]
+    if ctx.device.type != "cuda":
+        notes.append("CPU: fp32, no autocast, no data-sheet peak (MFU % (peak) is empty); the compile+triton "
+                     "variant is not timed (needs CUDA).")
+    notes.append("first loss: the REPA loss of the first step, same weights and inputs in every variant; "
+                 "differences are rounding (compile fuses and reorders float ops).")
+    return {
+        "reduced": reduced, "reduced_reason": reduced_reason, "batch_sizes": batches, "model": label,
+        "model_name": name, "encoder": enc, "resolution": resolution, "model_overrides": overrides,
+        "variants": names, "repeats": repeats, "warmup": warmup,
+        "timer": timer_description(ctx.device, repeats, warmup) + "; one optimizer step per call",
+        "notes": notes, "rows": rows, "table": {"headers": HEADERS, "rows": table_rows(rows)},
+        "appendix": {
+            "variants": [f"- {v.name}: {v.describe()}" + (" (CUDA only)" if v.cuda_only else "")
+                         for v in VARIANTS.values() if v.name in names],
+            "columns": ["- ms/step: median wall time of one optimizer step (encoder, forward, backward, clip, "
+                        "sync, AdamW, EMA, next step's draws); first call timed apart.",
+                        "- TFLOP/s: B x FLOPs per trained image (3 x SiT forward + encoder forward, matmuls only) "
+                        "/ step time; MFU % (peak): that / the device's data-sheet dense bf16 peak; % matmul "
+                        "probe: that / this run's matmul probe.",
+                        "- x eager: img/s over the eager row of the same B."]},
+    }

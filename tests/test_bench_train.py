@@ -1,0 +1,62 @@
+"""bench/run.py --suite train --quick on the CPU: every variant's row is a real timed step of the trainer's
+step function, with FLOPs, speedups and the first-step loss checked against what they are computed from."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import train_suite as ts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_train")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OMP_WAIT_POLICY")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--suite", "train", "--quick",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(next(out.glob("*.json")).read_text())
+    return proc, doc["suites"]["train"], next(out.glob("*.md")).read_text()
+
+
+def test_quick_train_suite_rows(quick):
+    import torch
+
+    from fastrepa.models import build_model
+    from fastrepa.train.flops import encoder_dims, train_flops_per_image
+    _, suite, md = quick
+    assert suite["reduced"] and "--quick" in suite["reduced_reason"] and suite["omp_wait_policy"] == "PASSIVE"
+    rows = {r["variant"]: r for r in suite["rows"]}
+    assert set(rows) == set(ts.VARIANTS)
+    with torch.device("meta"):
+        model = build_model("SiT-S/2", z_dims=[encoder_dims(ts.QUICK_ENCODER, ts.QUICK_RESOLUTION, 4)[0]],
+                            **ts.QUICK_OVERRIDES)
+    flops = train_flops_per_image(model, [ts.QUICK_ENCODER], ts.QUICK_RESOLUTION)
+    for name in ("eager", "eager+fused-adamw", "compile"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["steps_run"] == 1 + r["warmup"] + r["repeats"]  # every timed call was a real step
+        assert r["flops_per_image"] == flops and r["step_ms"] > 0
+        assert r["images_per_s"] == pytest.approx(2 / (r["step_ms"] * 1e-3))
+        assert r["TFLOP_per_s"] == pytest.approx(2 * flops / (r["step_ms"] * 1e-3) / 1e12)
+        assert r["mfu"] is None and r["peak_tflops"] is None  # no data-sheet peak for a CPU
+    e = rows["eager"]
+    # the optimizer does not touch the first loss: same weights, same inputs, the same number
+    assert rows["eager+fused-adamw"]["first_loss"] == e["first_loss"]
+    assert rows["compile"]["loss_rel_diff_vs_eager"] < 1e-4
+    assert rows["compile"]["speedup_vs_eager"] == pytest.approx(rows["compile"]["images_per_s"] / e["images_per_s"])
+    assert rows["compile+triton"]["status"] == "skipped" and "needs CUDA" in rows["compile+triton"]["reason"]
+    assert "## suite `train`" in md and "eager+fused-adamw" in md
+
+
+def test_train_suite_usage_errors():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--suite", "train", "--variants",
+                           "fast"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the train suite knows: eager" in proc.stderr
