@@ -55,6 +55,21 @@ def test_folder_errors_name_the_file(tmp_path):
         REPAFolderDataset(root)
 
 
+def test_mixed_resolutions_name_the_odd_file(tmp_path):
+    from PIL import Image
+    root = write_dataset(str(tmp_path / "d"), 12, seed=0)
+    odd = os.path.join(root, "images", "00000", "img00000007.png")
+    Image.new("RGB", (48, 48)).save(odd)
+    ds = REPAFolderDataset(root)
+    assert ds[3][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match=r"img00000007.png has shape \(3, 48, 48\) but .*img00000000.png has "
+                                         r"\(3, 32, 32\): a dataset must have one resolution"):
+        ds[7]
+    np.save(os.path.join(root, "vae-sd", "00000", "img-mean-std-00000002.npy"), np.zeros((8, 6, 6), np.float32))
+    with pytest.raises(ValueError, match=r"img-mean-std-00000002.npy has shape \(8, 6, 6\)"):
+        REPAFolderDataset(root)[2]
+
+
 def test_label_file_missing_a_key(tmp_path):
     root = write_dataset(str(tmp_path / "d"), 12, seed=0)
     path = os.path.join(root, "vae-sd", "dataset.json")

@@ -54,6 +54,18 @@ class REPAFolderDataset(Dataset):
             raise ValueError(f"label file {label_file} has no label for {len(missing)} latent file(s), "
                              f"e.g. {missing[:3]}")
         self.labels = np.array([labels[f] for f in self.feature_fnames], dtype=np.int64)
+        self._shapes = None  # (image, moments) shapes of sample 0: every sample must have them
+
+    def _check_shapes(self, idx: int, image: np.ndarray, moments: np.ndarray) -> None:
+        """A dataset of mixed resolutions fails naming the odd file, not deep inside batch collation."""
+        if self._shapes is None:
+            self._shapes = ((image.shape, moments.shape) if idx == 0
+                            else (self.load_image(0).shape, self.load_moments(0).shape))
+        for part, got, want in (("image", image.shape, self._shapes[0]), ("moments", moments.shape, self._shapes[1])):
+            if got != want:
+                raise ValueError(f"{self.describe(idx, part)} has shape {tuple(got)} but {self.describe(0, part)} "
+                                 f"has {tuple(want)}: a dataset must have one resolution (prepare it again, or "
+                                 f"remove the odd file)")
 
     def __len__(self):
         return len(self.feature_fnames)
@@ -84,6 +96,7 @@ class REPAFolderDataset(Dataset):
         return os.path.join(self.features_dir, self.feature_fnames[idx])
 
     def __getitem__(self, idx):
-        image = torch.from_numpy(np.ascontiguousarray(self.load_image(idx)))
-        moments = torch.from_numpy(self.load_moments(idx)).float()
-        return image, moments, torch.tensor(self.labels[idx])
+        image, moments = self.load_image(idx), self.load_moments(idx)
+        self._check_shapes(idx, image, moments)
+        return (torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(moments).float(),
+                torch.tensor(self.labels[idx]))
