@@ -201,7 +201,56 @@ def test_empty_class_folder_and_bad_sources(env, tmp_path):
         prepare(src, str(tmp_path / "o"), resolution=20, vae=env["vae"], workers=0)
 
 
-def test_zip_source_via_cli_with_workers(env, tmp_path):
+def test_empty_class_folder_inside_a_zip(env, tmp_path):
+    zpath = str(tmp_path / "train.zip")
+    with zipfile.ZipFile(zpath, "w") as z:
+        for rel, _ in expected_files():
+            z.write(os.path.join(env["src"], rel), f"train/{rel}")
+        z.writestr("train/bee/", "")  # a class folder with nothing in it (would shift emu's label)
+        z.writestr("train/bee/.DS_Store", "x")  # hidden files are not images
+    with pytest.raises(PrepareError, match=r"class folder .*train\.zip:train/bee has no images; remove it"):
+        prepare(zpath, str(tmp_path / "o"), resolution=RES, vae=env["vae"], workers=0, progress=False)
+    assert not os.path.exists(tmp_path / "o" / "images")  # nothing written
+
+
+def test_finalize_again_and_concurrently_keeps_other_ranks_temporaries(env, tmp_path):
+    """Finalising twice, or from several processes at once (ranks that all saw every shard marker),
+    leaves the same dataset.json files and never removes a dataset.json another rank is writing."""
+    import threading
+    dest = str(tmp_path / "out")
+    shutil.copytree(env["dest"], dest)
+    want = {sub: json.load(open(os.path.join(dest, sub, "dataset.json"))) for sub in ("images", "vae-sd")}
+    os.remove(os.path.join(dest, "vae-sd", "dataset.json"))
+    foreign = os.path.join(dest, "vae-sd", "dataset.json.tmp4242")  # another rank, mid-write
+    open(foreign, "w").write('{"labels": [["00000/img-mean')
+    stale = os.path.join(dest, "images", "00000", "img00000003.png.tmp4242")  # a killed run's shard temporary
+    open(stale, "wb").write(b"\x89PNG")
+    kw = dict(resolution=RES, vae=env["vae"], shard_size=4, workers=0, progress=False)
+    results, errors = [], []
+
+    def finalize():
+        try:
+            results.append(prepare(env["src"], dest, **kw))
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(e)
+    for _ in range(2):  # twice in a row, each time by four concurrent finalisers
+        threads = [threading.Thread(target=finalize) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len(results) == 8 and all(r["num_written"] == 10 for r in results)
+    assert os.path.exists(foreign) and not os.path.exists(stale)
+    for sub in ("images", "vae-sd"):
+        assert json.load(open(os.path.join(dest, sub, "dataset.json"))) == want[sub]
+    temps = [n for _, _, names in os.walk(dest) for n in names if ".tmp" in n]
+    assert temps == ["dataset.json.tmp4242"]  # every finaliser's own temporary was renamed away
+    ds = REPAFolderDataset(dest)
+    assert len(ds) == 10 and ds.labels.tolist() == [y for _, y in expected_files()]
+
+
+def test_zip_source_via_cli_with_workers(env, tmp_path, capsys):
     zpath = str(tmp_path / "train.zip")
     with zipfile.ZipFile(zpath, "w") as z:  # wrapped in a top folder, as `zip -r train.zip train/`
         for rel, _ in expected_files():
@@ -210,6 +259,11 @@ def test_zip_source_via_cli_with_workers(env, tmp_path):
     dest = str(tmp_path / "out")
     assert main(["--source", zpath, "--dest", dest, "--resolution", str(RES), "--vae", env["vae"],
                  "--batch-size", "4", "--shard-size", "6", "--workers", "2"]) == 0
+    out = capsys.readouterr().out  # the next step: how to pack it
+    assert f"python -m fastrepa.data.pack {dest} {dest}-packed --image-format raw" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "python -m fastrepa.data.pack DEST DEST-packed --image-format raw|jpeg" in capsys.readouterr().out
     a, b = REPAFolderDataset(env["dest"]), REPAFolderDataset(dest)
     assert b.labels.tolist() == a.labels.tolist()
     for i in range(10):
