@@ -48,9 +48,11 @@ def vit_keys(dim, depth, hidden, *, layerscale, swiglu=False):
     return sd, r
 
 
-def dinov2_hub_sd(dim=384, depth=12, reg=False):
-    """The key set of dinov2_vit{s}14[_reg4]_pretrain.pth: pos-embed for the 518px (37x37) grid."""
-    sd, r = vit_keys(dim, depth, 4 * dim, layerscale=True)
+def dinov2_hub_sd(dim=384, depth=12, reg=False, swiglu=False):
+    """The key set of dinov2_vit{s}14[_reg4]_pretrain.pth: pos-embed for the 518px (37x37) grid; vit-g has
+    SwiGLUFFNFused (w12/w3) with hidden (int(4*dim*2/3) + 7) // 8 * 8."""
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * dim
+    sd, r = vit_keys(dim, depth, hidden, layerscale=True, swiglu=swiglu)
     sd |= {"cls_token": r(1, 1, dim, s=1.0), "pos_embed": r(1, 1 + 37 * 37, dim, s=1.0),
            "mask_token": r(1, dim), "patch_embed.proj.weight": r(dim, 3, 14, 14, s=0.05)}
     if reg:
@@ -155,6 +157,16 @@ def test_dinov2_hub_cache_lookup_and_missing_file(tmp_path, monkeypatch):
     torch.save(dinov2_hub_sd(reg=True), tmp_path / "hub" / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth")
     enc = load_encoder("dinov2-vit-s-reg")
     assert enc.vit.num_registers == 4 and enc.embed_dim == 384
+    # REPA's spelling (utils.py: 'dinov2' and 'reg' in the first of three '-' parts) finds the same file
+    alias = load_encoder(" dinov2reg-vit-s")
+    assert alias.enc_type == "dinov2-vit-s-reg" == E.canonical_name("dinov2reg-vit-s")
+    own, other = enc.vit.state_dict(), alias.vit.state_dict()
+    assert set(own) == set(other) and all(torch.equal(own[k], other[k]) for k in own)
+    img = images(1)
+    assert torch.equal(enc(img), alias(img))
+    assert [e.enc_type for e in load_encoders("dinov2reg-vit-s,dinov2-vit-s-reg")] == ["dinov2-vit-s-reg"] * 2
+    with pytest.raises(FileNotFoundError, match=r"encoder dinov2-vit-b-reg: .*dinov2_vitb14_reg4_pretrain\.pth"):
+        load_encoder("dinov2reg-vit-b")
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_encoder("dinov2-vit-s", path=tmp_path / "nowhere.pth")
 
@@ -421,6 +433,65 @@ def test_new_official_widths():
     assert sum(p.numel() for p in vis.parameters()) == 303_966_208  # CLIP ViT-L/14 visual tower
 
 
+# ------------------------------------------------------------------ every name, strict, from its official file
+
+TINY = (32, 1, 2)  # width, depth, heads: every architecture at a stand-in size, same code path
+
+
+def official_file(name):
+    """(where the official tools save the weights, relative to a fake home / cwd, the file's content, the
+    backbone state dict REPA loads strictly from it), written here from the official layouts."""
+    kind, _, size = name.split("-")[:3]
+    dim, depth, _ = TINY
+    if kind == "dinov2":
+        reg = name.endswith("-reg")
+        sd = dinov2_hub_sd(dim, depth, reg=reg, swiglu=size == "g")
+        return f"hub/checkpoints/dinov2_vit{size}14{'_reg4' if reg else ''}_pretrain.pth", sd, sd
+    if kind == "mocov3":
+        ckpt, sd = mocov3_ckpt(dim, depth)
+        return f"ckpts/mocov3_vit{size}.pth", ckpt, sd
+    if kind == "mae":
+        sd = plain_vit_sd(dim, depth, 16, 197)
+        return f"ckpts/mae_vit{size}.pth", {"model": sd, "optimizer": {}, "epoch": 1599}, sd
+    if kind == "dinov1":
+        sd = plain_vit_sd(dim, depth, 16, 197)
+        return "hub/checkpoints/dino_vitbase16_pretrain.pth", sd, sd
+    if kind == "jepa":
+        sd = plain_vit_sd(dim, depth, 14, 256, cls=False)
+        return (f"ckpts/ijepa_vit{size}.pth", {"encoder": {f"module.{k}": v for k, v in sd.items()},
+                                               "target_encoder": {}, "epoch": 300}, sd)
+    assert kind == "clip", name
+    sd = {k: v.half() for k, v in clip_visual_sd(dim, depth, out=16).items()}  # OpenAI's weights are fp16
+    full = {f"visual.{k}": v for k, v in sd.items()} | {"logit_scale": torch.ones(())}
+    return f".cache/clip/ViT-{size}-14.pt", full, sd
+
+
+@pytest.mark.parametrize("name", E.SUPPORTED + tuple(E.ALIASES))
+def test_every_encoder_loads_strict_from_its_official_file(name, tmp_path, monkeypatch):
+    canon = E.canonical_name(name)
+    for table in (E._DINOV2, E._MOCOV3, E._MAE, E._DINOV1, E._JEPA):
+        for size, arch in list(table.items()):
+            monkeypatch.setitem(table, size, TINY + tuple(arch[3:]))
+    monkeypatch.setitem(E._CLIP, "L", TINY + (16,))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rel, content, sd = official_file(canon)
+    os.makedirs(os.path.dirname(tmp_path / rel))
+    torch.save(content, tmp_path / rel)
+    enc = load_encoder(name, resolution=256, grid=16)  # default lookup finds the file; strict load
+    assert enc.enc_type == canon and enc.num_tokens == 256 and enc.grid == 16
+    own = enc.vit.state_dict()
+    assert set(own) == set(sd), name  # every file tensor is used, and nothing else is needed
+    pos = "positional_embedding" if canon.startswith("clip") else "pos_embed"
+    for k, v in sd.items():
+        if k == pos and canon.startswith(("dinov2", "mocov3", "mae", "dinov1")):  # resampled once, to 16x16
+            v = timm_pos.resample_abs_pos_embed(v, [16, 16])
+        assert torch.equal(own[k], v.float()), (name, k)
+    z = enc(images(1))
+    assert z.shape == (1, 256, TINY[0]) and torch.isfinite(z).all()
+
+
 # ------------------------------------------------------------------ several, names, grid, patch-pixels
 
 def test_load_encoders_list_and_grid_check(tmp_path):
@@ -440,8 +511,11 @@ def test_load_encoders_list_and_grid_check(tmp_path):
 
 
 def test_names():
-    with pytest.raises(ValueError, match="unknown encoder 'dino'.*patch-pixels.*dinov2-vit-b.*mocov3-vit-b.*jepa-vit-h"):
+    with pytest.raises(ValueError, match="unknown encoder 'dino'.*patch-pixels.*dinov2-vit-b.*mocov3-vit-b.*jepa-vit-h"
+                                         ".*REPA's spellings dinov2reg-vit-s"):
         load_encoder("dino")
+    assert set(E.ALIASES.values()) == {n for n in E.SUPPORTED if n.endswith("-reg")}
+    assert E.canonical_name("mocov3-vit-b") == "mocov3-vit-b"
     for name in E.NOT_YET:
         with pytest.raises(NotImplementedError, match=name):
             load_encoder(name)

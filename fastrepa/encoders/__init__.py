@@ -9,11 +9,16 @@ built from their *official* weight files, read from local disk only (nothing is 
 |-------------------------|-------------------------------------------------------------------------|--------------|
 | dinov2-vit-{s,b,l,g}    | torch.hub.get_dir()/checkpoints/dinov2_vit{x}14_pretrain.pth, ckpts/... | hub state dict |
 | dinov2-vit-{s,b,l,g}-reg| .../dinov2_vit{x}14_reg4_pretrain.pth                                   | hub state dict |
+| dinov2reg-vit-{s,b,l,g} | REPA's spelling of dinov2-vit-{x}-reg (the same encoder, the same file)  |              |
 | mocov3-vit-{s,b,l}      | ckpts/mocov3_vit{x}.pth                                                 | ['state_dict'], module.base_encoder.* |
 | mae-vit-l               | ckpts/mae_vitl.pth                                                      | ['model']    |
 | dinov1-vit-b            | torch.hub.get_dir()/checkpoints/dino_vitbase16_pretrain.pth, ckpts/dinov1_vitb.pth | hub state dict |
 | jepa-vit-h              | ckpts/ijepa_vith.pth (= IN1K-vit.h.14-300e.pth.tar)                     | ['encoder'], module.* |
 | clip-vit-L              | ~/.cache/clip/ViT-L-14.pt                                               | TorchScript archive (or a state dict) |
+
+Names: REPA's utils.py splits a name into exactly three parts (`type, arch, config =
+name.split('-')`) and takes DINOv2 with registers when 'reg' is in the type, so REPA users write
+`dinov2reg-vit-b`; `canonical_name` maps that spelling to ours (`dinov2-vit-b-reg`).
 
 What each computes is what official REPA (sihyun-yu/REPA train.py `preprocess_raw_image` and
 utils.py `load_encoders`) feeds the alignment loss:
@@ -91,6 +96,8 @@ SUPPORTED = tuple([f"dinov2-vit-{x}" for x in _DINOV2] + [f"dinov2-vit-{x}-reg" 
                   + [f"mocov3-vit-{x}" for x in _MOCOV3] + [f"mae-vit-{x}" for x in _MAE]
                   + [f"dinov1-vit-{x}" for x in _DINOV1] + [f"jepa-vit-{x}" for x in _JEPA]
                   + [f"clip-vit-{x}" for x in _CLIP])
+# REPA's spelling -> ours (both accepted everywhere a name is; encoders report the canonical name)
+ALIASES = {f"dinov2reg-vit-{x}": f"dinov2-vit-{x}-reg" for x in _DINOV2}
 NOT_YET = ()
 PRETRAINED = SUPPORTED + NOT_YET
 EMBEDDED = ("patch-pixels",)
@@ -98,6 +105,12 @@ EMBEDDED = ("patch-pixels",)
 
 class EncoderWeightsError(ValueError):
     """A weight file whose keys or shapes are not those of the official checkpoint."""
+
+
+def canonical_name(enc_type: str) -> str:
+    """Our name for an encoder name: REPA's `dinov2reg-vit-b` -> `dinov2-vit-b-reg`; other names unchanged."""
+    name = enc_type.strip()
+    return ALIASES.get(name, name)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -385,12 +398,15 @@ def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | No
                  random_init: bool = False) -> nn.Module:
     """A frozen eval-mode encoder: uint8 images [B, 3, resolution, resolution] -> tokens [B, T, C].
 
+    enc_type: a name of EMBEDDED or SUPPORTED, or REPA's spelling of one (ALIASES: dinov2reg-vit-b);
+    the encoder's `enc_type` is our canonical name.
+
     path: the weight file (default: the places listed in this module's docstring). grid: the model's
     token grid; a pretrained encoder whose grid differs is an error (see `check_grid`); for
     patch-pixels it sets the patch size (default resolution // 16). random_init: the architecture with
     random weights, reading no file (for benchmarks; never for training).
     """
-    enc_type = enc_type.strip()
+    enc_type = canonical_name(enc_type)
     if enc_type == "patch-pixels":
         enc = PatchPixelEncoder(resolution, grid if grid is not None else resolution // 16)
     elif enc_type in SUPPORTED:
@@ -402,7 +418,8 @@ def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | No
             f"encoder {enc_type!r} is a REPA encoder that fastrepa does not build yet; "
             f"available now: {', '.join(EMBEDDED + SUPPORTED)} (or --enc-type none)")
     else:
-        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + PRETRAINED)}")
+        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + PRETRAINED)} (and REPA's "
+                         f"spellings {', '.join(ALIASES)})")
     return _frozen(enc)
 
 

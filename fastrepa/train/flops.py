@@ -17,6 +17,8 @@ _FAMILIES = {"dinov2": (_DINOV2, 14, 224), "dinov1": (_DINOV1, 16, 224), "mocov3
 
 def encoder_dims(name: str, resolution: int, grid: int) -> tuple[int, int]:
     """(embed_dim, forward FLOPs per image) of an encoder, from its name alone."""
+    from fastrepa.encoders import canonical_name
+    name = canonical_name(name)
     if name == "patch-pixels":
         return 3 * (resolution // grid) ** 2, 0
     family, _, size = name.split("-")[:3]
