@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fastrepa.data import (PackedDataset, PackedFormatError, REPAFolderDataset, StepSampler, build_loader,
-                           open_dataset)
+                           check_labels, open_dataset)
 from fastrepa.data import pack as pack_mod
 from fastrepa.data.pack import PackError, encode_jpeg, main, pack
 from fastrepa.data.packed import decode_jpeg
@@ -196,6 +196,60 @@ def test_source_image_of_another_size_is_named(tmp_path):
     Image.new("RGB", (32, 40)).save(os.path.join(src, "images", "00000", "img00000009.png"))
     with pytest.raises(PackError, match=r"img00000009\.png is \[3, 40, 32\], expected \[3, 32, 32\]"):
         pack(src, str(tmp_path / "o"), "raw", progress=False)
+
+
+def test_unreadable_source_image_stops_the_pack_and_a_rerun_resumes(tmp_path):
+    src = write_dataset(str(tmp_path / "src"), 12, seed=0)
+    bad = os.path.join(src, "images", "00000", "img00000009.png")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[:60])  # truncated
+    dst = str(tmp_path / "o")
+    with pytest.raises(PackError, match=rf"cannot read sample 9 \({bad}\): ValueError: cannot read image {bad}"):
+        pack(src, dst, "raw", chunk=4, progress=False)
+    assert not os.path.exists(os.path.join(dst, "manifest.json"))
+    assert json.load(open(os.path.join(dst, ".pack", "state.json")))["done"] == 8  # chunks 0-3, 4-7 kept
+    open(bad, "wb").write(data)  # fixed: the rerun writes samples 8.. only and gives the folder's items
+    pack(src, dst, "raw", chunk=4, progress=False)
+    folder, packed = REPAFolderDataset(src), PackedDataset(dst, verify=True)
+    assert all(torch.equal(u, v) for i in range(12) for u, v in zip(folder[i], packed[i]))
+
+
+def test_corrupt_jpeg_in_a_pack_names_pack_and_sample(packs, tmp_path):
+    dst = copy_pack(packs, "jpeg", tmp_path)
+    off = np.load(os.path.join(dst, "image_offsets.npy"))
+    blob = os.path.join(dst, "images.jpeg")
+    with open(blob, "r+b") as f:  # same size (the manifest still matches), garbage inside sample 6's JPEG
+        f.seek(int(off[6]))
+        f.write(b"\x00" * int(off[7] - off[6]))
+    ds = PackedDataset(dst)
+    assert torch.equal(ds[5][0], PackedDataset(packs["jpeg"])[5][0])
+    with pytest.raises(PackedFormatError, match=rf"cannot decode the JPEG of sample 6 in {blob}: "):
+        ds[6]
+    with pytest.raises(PackedFormatError, match=r"images\.jpeg: sha256"):  # --verify finds it up front
+        PackedDataset(dst, verify=True)
+
+
+def test_packed_labels_checked(packs, tmp_path):
+    ds = PackedDataset(packs["raw"])
+    assert ds.num_classes == 10 == ds.manifest["num_classes"] and ds.label_file.endswith("labels.npy")
+    check_labels(ds, 10)
+    i = int(np.argmax(ds.labels))
+    with pytest.raises(ValueError, match=rf"labels in {ds.label_file} go up to 9 \(sample {i}, .*moments\.npy\[{i}\]\) "
+                                         r"but --num-classes is 5.*pass --num-classes 10"):
+        check_labels(ds, 5)
+    dst = copy_pack(packs, "raw", tmp_path)
+    path = os.path.join(dst, "labels.npy")
+    labels = np.load(path)
+    labels[labels == 9] = 8  # same size: the manifest's num_classes (10) no longer agrees
+    np.save(path, labels)
+    with pytest.raises(PackedFormatError, match=r"labels\.npy: the largest label is 8 \(9 classes\) but manifest\.json "
+                                                r"says num_classes 10"):
+        PackedDataset(dst)
+    labels[labels == 8] = 9
+    labels[3] = -1
+    np.save(path, labels)
+    with pytest.raises(PackedFormatError, match=r"labels\.npy: sample 3 has label -1; expected class indices >= 0"):
+        PackedDataset(dst)
 
 
 def test_open_dataset_errors(tmp_path):

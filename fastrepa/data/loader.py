@@ -70,6 +70,20 @@ def open_dataset(path: str, verify: bool = False):
                             f"and python -m fastrepa.data.pack")
 
 
+def check_labels(dataset, num_classes: int, flag: str = "--num-classes") -> None:
+    """Raise ValueError unless every label of `dataset` (REPAFolderDataset or PackedDataset) is a class of a
+    model with `num_classes` classes: 0 <= label < num_classes (index num_classes is the model's null
+    class for classifier-free guidance, so a label equal to it would be read as "unconditional")."""
+    labels = np.asarray(dataset.labels)
+    hi = int(labels.max())
+    if hi >= num_classes:
+        i = int(np.argmax(labels))
+        raise ValueError(f"the labels in {dataset.label_file} go up to {hi} (sample {i}, {dataset.describe(i)}) but "
+                         f"{flag} is {num_classes}, so the model knows labels 0..{num_classes - 1} only (label "
+                         f"{num_classes} is its unconditional class): pass {flag} {hi + 1} or more, or relabel "
+                         f"the dataset")
+
+
 def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory: bool = False, *,
                  backend: str = "torch", device=None):
     """Batches (images uint8 [B, 3, H, W], moments [B, 2C, h, w], labels int64 [B]) in the sampler's order.

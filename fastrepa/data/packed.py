@@ -85,7 +85,8 @@ class PackedDataset(Dataset):
 
     The files are opened lazily as memory maps in each process (DataLoader workers reopen them; pickling
     the dataset never copies the arrays). Attributes: root, manifest, count, image_format, image_shape,
-    moments_shape, labels (int64 array), paths (role -> file path).
+    moments_shape, labels (int64 array), label_file (labels.npy), num_classes (largest label + 1, as the
+    manifest says), paths (role -> file path).
     """
 
     def __init__(self, root: str, verify: bool = False):
@@ -111,6 +112,8 @@ class PackedDataset(Dataset):
         self.paths = {role: os.path.join(root, m["files"][role]["path"]) for role in FILES[self.image_format]}
         self._check_files(verify)
         self.labels = np.load(self.paths["labels"])
+        self.label_file = self.paths["labels"]
+        self.num_classes = self._check_labels()
         self._pid = None
         self._arrays = None
 
@@ -177,6 +180,18 @@ class PackedDataset(Dataset):
             if off[0] != 0 or off[-1] != blob or np.any(np.diff(off) <= 0):
                 raise PackedFormatError(f"{self.paths['image_offsets']}: expected increasing byte offsets from 0 "
                                         f"to {blob} (the size of {self.paths['images']}); found {off[0]} .. {off[-1]}")
+
+    def _check_labels(self) -> int:
+        """The classes the labels need (largest label + 1); labels are >= 0 and agree with the manifest."""
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0:
+            i = int(np.argmin(self.labels))
+            raise PackedFormatError(f"{self.label_file}: sample {i} has label {lo}; expected class indices >= 0")
+        said = self.manifest.get("num_classes")
+        if said is not None and said != hi + 1:
+            raise PackedFormatError(f"{self.label_file}: the largest label is {hi} ({hi + 1} classes) but "
+                                    f"{MANIFEST} says num_classes {said}; repack it")
+        return hi + 1
 
     # ------------------------------------------------------------------------------------- reading
 
