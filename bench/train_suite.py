@@ -60,13 +60,14 @@ def parse_variants(arg):
 
 
 def check_args(args):
-    from fastrepa.encoders import EMBEDDED, SUPPORTED
+    from fastrepa.encoders import ALIASES, EMBEDDED, SUPPORTED
     from fastrepa.models import MODEL_NAMES
     model_name, enc = getattr(args, "model", None), getattr(args, "enc_type", None)
     if model_name and model_name not in MODEL_NAMES:
         raise BenchUsageError(f"--model: unknown model {model_name!r}; known: {', '.join(MODEL_NAMES)}")
-    if enc and enc not in (*EMBEDDED, *SUPPORTED):
-        raise BenchUsageError(f"--enc-type: unknown encoder {enc!r}; known: {', '.join((*EMBEDDED, *SUPPORTED))}")
+    if enc and enc not in (*EMBEDDED, *SUPPORTED, *ALIASES):
+        raise BenchUsageError(f"--enc-type: unknown encoder {enc!r}; known: {', '.join((*EMBEDDED, *SUPPORTED))} "
+                              f"(or REPA's {', '.join(ALIASES)})")
     return parse_variants(getattr(args, "variants", None))
 
 
@@ -158,8 +159,8 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
     raw, moments, labels = inputs(B, resolution, kw["in_channels"], latent, kw["num_classes"], device)
     shape = (kw["in_channels"], latent, latent)
     obj = step_fn.objective
-    draw = lambda s: draw_step(0, s, 0, B, shape, weighting=obj.weighting, path_type=obj.path_type,  # noqa: E731
-                               drop_prob=step_fn.drop_prob)
+    draw = lambda s: step_fn.to_device(draw_step(0, s, 0, B, shape, weighting=obj.weighting,  # noqa: E731
+                                                 path_type=obj.path_type, drop_prob=step_fn.drop_prob))
     state = {"step": 0, "draws": draw(0), "loss": None}
 
     def one_step():

@@ -85,6 +85,8 @@ class ObjectiveConfig:
     weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
     proj_coeff: float = flag(0.5, "weight of the alignment (projection) loss")
     enc_type: str = flag("dinov2-vit-b", "representation encoder(s), comma-separated; 'none' trains plain SiT")
+    enc_path: str = flag("", "the encoders' weight files, comma-separated in --enc-type order (an empty entry: "
+                             "the default places, the torch hub cache or ckpts/ as official REPA names them)")
     cfg_prob: float = flag(0.1, "accepted for compatibility; as in official REPA it is unused "
                                 "(label dropout is the model's class_dropout_prob)")
 
@@ -94,6 +96,8 @@ class ObjectiveConfig:
         _need(self.weighting in WEIGHTINGS, "weighting", self.weighting, f"one of {WEIGHTINGS}")
         _need(self.proj_coeff >= 0, "proj_coeff", self.proj_coeff, "a number >= 0")
         _need(bool(self.enc_type.strip()), "enc_type", self.enc_type, "an encoder name or 'none'")
+        _need(not self.enc_path or len(self.enc_path.split(",")) == len(self.encoders), "enc_path", self.enc_path,
+              f"one weight file per --enc-type encoder ({len(self.encoders)}: {self.enc_type}), comma-separated")
 
     @property
     def encoders(self) -> list[str]:

@@ -70,6 +70,13 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     ckpts = str(tmp_path / "nan" / "checkpoints")
     assert [s for s, _ in C.list_complete(ckpts)] == [3, 4]
     assert len(losses(str(tmp_path / "nan"))) == 4
+    # the step-4 checkpoint holds exactly the weights of a clean run that stopped after 4 steps
+    from fastrepa.train import export
+    assert export.main([str(tmp_path / "nan"), "--step", "4", "--pt", str(tmp_path / "at4.pt"), "--only", "pt"]) == 0
+    clean = train(cfg(tmp_path / "clean", data16, exp_name="nan", max_train_steps=4))
+    a, b = load_checkpoint_file(clean["checkpoint"]), load_checkpoint_file(str(tmp_path / "at4.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     monkeypatch.delenv(TEST_NAN_ENV)
     rerun = train(cfg(tmp_path, data16, exp_name="nan"))
     assert rerun["resumed_from"] == 4
@@ -104,6 +111,10 @@ def test_non_finite_skip_leaves_weights_and_counts(tmp_path, data16, monkeypatch
 def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):
     with pytest.raises(ValueError, match=r"moments \[6, 32, 32\]"):
         train(cfg(tmp_path, data16, input_size=32, resolution=32))
+    # 10 classes of data for a 5-class model: label 5 would be read as the null class
+    with pytest.raises(ValueError, match="labels in .* go up to 9 .* pass --num-classes 10 or more"):
+        train(cfg(tmp_path, data16, num_classes=5))
+    assert not (tmp_path / TINY_RUN["exp_name"]).exists()
 
 
 @pytest.mark.parametrize("mode", ["ode", "sde"])
@@ -199,3 +210,159 @@ def test_packed_data_trains_exactly_like_the_folder(tmp_path, data16):
         assert losses(rep["exp_dir"]) == losses(ref["exp_dir"]), loader
     with pytest.raises(ValueError, match="--data-loader dali reads packed datasets only"):
         train(cfg(tmp_path / "bad", data16, data_loader="dali"))
+
+
+def test_an_infinite_gradient_with_a_finite_loss_changes_nothing():
+    """The finite check covers the grad norm too: a finite loss whose gradient overflows leaves the weights,
+    the EMA and the optimizer state exactly as they were, and the next clean step trains normally."""
+    from conftest import tiny_model
+    from fastrepa.config import DataConfig, ObjectiveConfig
+    from fastrepa.train.ema import make_ema
+    from fastrepa.train.rng import draw_step
+    from fastrepa.train.step import TrainStep
+    model = tiny_model(z_dims=[])
+    ema = make_ema(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = TrainStep(model, ema, opt, [], objective=ObjectiveConfig(enc_type="none"), data=DataConfig(),
+                     device=torch.device("cpu"))
+    moments = torch.randn(4, 8, 8, 8)
+    labels = torch.arange(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = model.final_layer.linear.weight.register_hook(lambda g: g * float("inf"))
+    res = step(None, moments, labels, draw_step(0, 0, 0, 4, (4, 8, 8), weighting="uniform", path_type="linear",
+                                                drop_prob=0.1), lr=1e-3)
+    assert not res.finite and torch.isfinite(res.losses).all() and not torch.isfinite(res.grad_norm)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
+    assert not opt.state and all(p.grad is None for p in model.parameters())
+    hook.remove()
+    res = step(None, moments, labels, draw_step(0, 1, 0, 4, (4, 8, 8), weighting="uniform", path_type="linear",
+                                                drop_prob=0.1), lr=1e-3)
+    assert res.finite and len(opt.state) > 0
+    assert not torch.equal(model.final_layer.linear.weight, before["final_layer.linear.weight"])
+
+
+def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path, data16):
+    train(cfg(tmp_path, data16, exp_name="r", max_train_steps=3))
+    for flag, value in (("batch_size", 8), ("seed", 1)):
+        with pytest.raises(ValueError, match=f"trained with --{flag.replace('_', '-')} = "):
+            train(cfg(tmp_path, data16, exp_name="r", max_train_steps=6, **{flag: value}))
+    assert train(cfg(tmp_path, data16, exp_name="r", max_train_steps=6))["resumed_from"] == 3
+
+
+def test_two_encoders_train_one_projector_each(tmp_path, data16):
+    """--enc-type a,b: one projector per encoder, the alignment loss averages both, and the exported
+    checkpoint loads (strict) into generate.py's model."""
+    from fastrepa.generation import model_from_checkpoint
+    one = train(cfg(tmp_path / "one", data16, max_train_steps=2, checkpointing_steps=2, sampling_steps=2))
+    two = train(cfg(tmp_path / "two", data16, max_train_steps=2, checkpointing_steps=2, sampling_steps=2,
+                    enc_type="patch-pixels,patch-pixels"))
+    ck = load_checkpoint_file(two["checkpoint"])
+    assert {k.split(".")[1] for k in ck["model"] if k.startswith("projectors.")} == {"0", "1"}
+    model, _ = model_from_checkpoint(two["checkpoint"])
+    assert len(model.projectors) == 2
+    # the same encoder twice: at step 0 the two projectors differ, so the loss is not the one-encoder loss,
+    # but it is still a mean of per-encoder cosines in [-1, 1]
+    rows = [json.loads(line) for line in open(os.path.join(two["exp_dir"], "metrics.jsonl"))]
+    assert all(-1 <= r["proj_loss"] <= 1 for r in rows)
+    assert rows[0]["loss"] == json.loads(open(os.path.join(one["exp_dir"], "metrics.jsonl")).readline())["loss"]
+
+
+def test_encoder_weight_paths_reach_the_loader(tmp_path, data16, monkeypatch):
+    from fastrepa.config import ConfigError
+    from fastrepa.train import loop
+    with pytest.raises(ConfigError, match="--enc-path"):
+        cfg(tmp_path, data16, enc_type="patch-pixels,patch-pixels", enc_path="a.pth")
+    seen = {}
+
+    def fake(enc_types, paths, resolution, grid):
+        seen.update(enc_types=enc_types, paths=paths, resolution=resolution, grid=grid)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(loop, "load_encoders", fake)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(cfg(tmp_path, data16, enc_type="dinov2-vit-b,mocov3-vit-b", enc_path="/w/dino.pth,"))
+    assert seen == {"enc_types": "dinov2-vit-b,mocov3-vit-b", "paths": "/w/dino.pth,", "resolution": 16, "grid": 4}
+
+
+def test_an_encoder_whose_grid_differs_from_the_model_fails_before_training(tmp_path, data16):
+    from test_encoders import mocov3_ckpt
+    wpath = tmp_path / "mocov3.pth"
+    torch.save(mocov3_ckpt()[0], wpath)  # random weights in the official layout: 1 token at 16 px, patch 16
+    with pytest.raises(ValueError, match=r"encoder mocov3-vit-s gives 1 tokens \(a 1x1 grid\) but the model has 16"):
+        train(cfg(tmp_path, data16, enc_type="mocov3-vit-s", enc_path=str(wpath)))
+    assert not (tmp_path / TINY_RUN["exp_name"] / "checkpoints").exists()
+
+
+def test_sample_grids_are_decoded_by_the_sd_vae(tmp_path, data16):
+    """--vae DIR (an AutoencoderKL folder): the EMA grid goes through its decoder; a VAE whose latent
+    channels differ from the data's fails on every rank before any step."""
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+    for channels in (3, 4):
+        torch.manual_seed(0)
+        diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                layers_per_block=1, latent_channels=channels, norm_num_groups=4,
+                                sample_size=32).save_pretrained(str(tmp_path / f"vae{channels}"))
+    with pytest.raises(ValueError, match="decodes 4-channel latents; the latents .* have 3"):
+        train(cfg(tmp_path / "bad", data16, vae=str(tmp_path / "vae4"), max_train_steps=2))
+    rep = train(cfg(tmp_path / "ok", data16, vae=str(tmp_path / "vae3"), max_train_steps=2, sampling_steps=2,
+                    checkpointing_steps=2))
+    grid = Image.open(rep["sample_grid"])
+    # 16 samples of 16x16 latents, decoded 2x up by this 2-level VAE, 10 per row with 2 px padding
+    assert grid.size == (2 + 10 * (32 + 2), 2 + 2 * (32 + 2))
+
+
+def test_compile_and_activation_checkpointing_keep_keys_and_losses(tmp_path, data16):
+    """--activation-checkpointing recomputes the same numbers (bit for bit on the CPU); --compile (each
+    block and the encoder, in place) trains to the same losses within compiler round-off; neither adds a
+    wrapper prefix (`_orig_mod.`, `module.`) to the checkpoint keys."""
+    kw = dict(max_train_steps=2, checkpointing_steps=2, sampling_steps=2)
+    ref = train(cfg(tmp_path / "ref", data16, **kw))
+    ac = train(cfg(tmp_path / "ac", data16, activation_checkpointing=True, **kw))
+    comp = train(cfg(tmp_path / "compile", data16, compile=True, **kw))
+    assert losses(ac["exp_dir"]) == losses(ref["exp_dir"])
+    np.testing.assert_allclose(losses(comp["exp_dir"]), losses(ref["exp_dir"]), rtol=1e-4)
+    a = load_checkpoint_file(ref["checkpoint"])
+    for run in (ac, comp):
+        b = load_checkpoint_file(run["checkpoint"])
+        for key in ("model", "ema"):
+            assert list(b[key]) == list(a[key])
+    assert all(torch.equal(v, a["model"][k]) for k, v in load_checkpoint_file(ac["checkpoint"])["model"].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: counts the host syncs of a CUDA step")
+def test_a_cuda_step_syncs_the_host_once():
+    """The step's only host sync is its finite/stop decision: the draws are copied asynchronously and the
+    stop flag is a fill kernel. torch's sync debug mode reports every synchronizing call of the step."""
+    import warnings
+
+    from conftest import tiny_model
+    from fastrepa.config import DataConfig, ObjectiveConfig
+    from fastrepa.encoders import load_encoder
+    from fastrepa.train.ema import make_ema
+    from fastrepa.train.rng import draw_step
+    from fastrepa.train.step import TrainStep
+    dev = torch.device("cuda")
+    model = tiny_model(z_dims=[48], in_channels=3).to(dev)
+    enc = load_encoder("patch-pixels", resolution=16, grid=4).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    step = TrainStep(model, make_ema(model), opt, [enc], objective=ObjectiveConfig(enc_type="patch-pixels"),
+                     data=DataConfig(), device=dev, drop_prob=0.1)
+    raw = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, device=dev)
+    moments, labels = torch.randn(4, 6, 8, 8, device=dev), torch.arange(4, device=dev)
+    for s in range(3):
+        draws = step.to_device(draw_step(0, s, 0, 4, (3, 8, 8), weighting="uniform", path_type="linear",
+                                         drop_prob=0.1))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = step(raw, moments, labels, draws, lr=1e-3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert res.finite
+        if s > 0:  # the first step may initialise state (optimizer, caches) with syncs of its own
+            assert len(syncs) <= 1, syncs

@@ -21,7 +21,9 @@ from fastrepa.train.step import TEST_NAN_ENV
 from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = dict(TINY_RUN, max_train_steps=6, checkpointing_steps=2, sampling_steps=100, exp_name="run")
+# max_grad_norm 0.2: every step clips (the norms here are 0.35-0.6), so a clip that used a rank's local
+# norm instead of the global one would show as a difference from the single process
+RUN = dict(TINY_RUN, max_train_steps=6, checkpointing_steps=2, sampling_steps=100, exp_name="run", max_grad_norm=0.2)
 
 
 def fsdp2_works_on_cpu():
@@ -79,11 +81,19 @@ def runs(tmp_path_factory, data16):  # noqa: F811
     return {"base": base, "single": single, "data": data16}
 
 
+def column(exp_dir, key):
+    with open(os.path.join(exp_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)[key] for line in f]
+
+
 def test_fsdp2_two_processes_equal_one(runs):
     one = losses(runs["single"]["exp_dir"])
     two = losses(str(runs["base"] / "fsdp" / "run"))
     assert len(one) == len(two) == 6
     np.testing.assert_allclose(two, one, rtol=1e-5)
+    norms = column(runs["single"]["exp_dir"], "grad_norm")
+    assert min(norms) > RUN["max_grad_norm"]  # every step was clipped
+    np.testing.assert_allclose(column(str(runs["base"] / "fsdp" / "run"), "grad_norm"), norms, rtol=1e-5)
     rep = json.load(open(runs["base"] / "fsdp" / "run" / "report.json"))
     assert rep["world_size"] == 2 and rep["parallel"] == "fsdp"
     step, path = C.latest(str(runs["base"] / "fsdp" / "run" / "checkpoints"))
@@ -94,6 +104,27 @@ def test_fsdp2_two_processes_equal_one(runs):
     b = torch.load(str(runs["base"] / "fsdp" / "run" / "checkpoints" / "0000006.pt"), weights_only=True)["ema"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_processes_equal_one(runs):
+    ok(launch(flags(runs["base"] / "ddp", runs["data"], parallel="ddp")))
+    exp = str(runs["base"] / "ddp" / "run")
+    assert json.load(open(os.path.join(exp, "report.json")))["parallel"] == "ddp"
+    for key in ("loss", "proj_loss", "grad_norm"):
+        np.testing.assert_allclose(column(exp, key), column(runs["single"]["exp_dir"], key), rtol=1e-5, atol=1e-7)
+    a = torch.load(runs["single"]["checkpoint"], weights_only=True)
+    b = torch.load(os.path.join(exp, "checkpoints", "0000006.pt"), weights_only=True)
+    assert set(a["model"]) == set(b["model"])  # no `module.` prefix from the DDP wrapper
+    for k in a["ema"]:
+        torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_none_is_refused_under_torchrun():
+    from fastrepa.train.parallel import resolve_mode
+    assert resolve_mode("none", 1) == resolve_mode("fsdp", 1) == "none"
+    assert resolve_mode("ddp", 2) == "ddp"
+    with pytest.raises(ValueError, match="--parallel none with 2 processes"):
+        resolve_mode("none", 2)
 
 
 def test_kill_and_rerun_is_bit_identical(runs):

@@ -60,6 +60,9 @@ def test_flops_per_image_matches_the_dry_run_count():
     with torch.device("meta"):
         model = build_model("SiT-XL/2", z_dims=[768], **c.model_overrides())
     assert round(train_flops_per_image(model, ["dinov2-vit-b"], 256) / 1e9, 3) == counts(c)["train_gflop_per_image"]
+    # REPA's spelling of the register variant counts like ours
+    reg = train_flops_per_image(model, ["dinov2-vit-b-reg"], 256)
+    assert train_flops_per_image(model, ["dinov2reg-vit-b"], 256) == reg > 0
 
 
 def test_peak_table():
@@ -117,3 +120,31 @@ def test_missing_sink_package_is_a_clear_error(monkeypatch):
         check_report_to("tensorboard")
     check_report_to("auto")  # auto just writes no events
     assert open_sinks("auto", "/nonexistent", {}, "x").names == []
+
+
+def test_metrics_windows_survive_a_resume_between_logged_steps(tmp_path, data16, monkeypatch, capsys):  # noqa: F811
+    """--log-every 4 and a SIGTERM after step 3 (between two logged steps): the checkpoint carries the open
+    window, so the resumed run logs the same averages, bit for bit, as the uninterrupted one; every logged
+    row is also a line on stdout."""
+    from fastrepa.train import checkpointing as C
+    from fastrepa.train.loop import TEST_SIGNAL_ENV
+    kw = dict(exp_name="w", max_train_steps=8, log_every=4, checkpointing_steps=100, sampling_steps=100,
+              report_to="none")
+    full = train(cfg(tmp_path / "full", data16, **kw))
+    want = [json.loads(line) for line in open(tmp_path / "full" / "w" / "metrics.jsonl")]
+    assert [r["step"] for r in want] == [4, 8] and [r["images"] for r in want] == [64, 128]
+    out = capsys.readouterr().out
+    assert f"step 4 | images 64 | loss {want[0]['loss']:.4f} | proj_loss {want[0]['proj_loss']:.4f}" in out
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "2")  # the signal arrives during step 3 (0-based 2)
+    first = train(cfg(tmp_path / "cut", data16, **kw))
+    assert first["stopped_by"] == "SIGTERM" and first["steps"] == 3
+    state = C.read_extra(C.latest(str(tmp_path / "cut" / "w" / "checkpoints"))[1])
+    assert state["images"] == 48 and state["batch_size"] == 16 and state["metrics_window"]["n"] == 3
+    assert state["data"] == {"epoch": 0, "batch_in_epoch": 3}
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    rerun = train(cfg(tmp_path / "cut", data16, **kw))
+    assert rerun["resumed_from"] == 3
+    got = [json.loads(line) for line in open(tmp_path / "cut" / "w" / "metrics.jsonl")]
+    for key in ("step", "images", "loss", "proj_loss", "grad_norm", "lr", "skipped"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+    assert full["last_loss"] == want[-1]["loss"]

@@ -118,7 +118,7 @@ def _barrier() -> None:
             dist.barrier()
 
 
-def _on_rank0(fn, what: str):
+def on_rank0(fn, what: str):
     """Run fn on rank 0 only; every rank returns its result, or every rank raises if it failed."""
     result, err, exc = None, None, None
     if _rank() == 0:
@@ -286,7 +286,7 @@ def resume_point(ckpt_root: str, resume_step: int | None = None) -> tuple[int, s
         if resume_step:
             return int(resume_step), find(ckpt_root, int(resume_step))
         return latest(ckpt_root)
-    return _on_rank0(decide, f"finding the checkpoint to resume in {ckpt_root}")
+    return on_rank0(decide, f"finding the checkpoint to resume in {ckpt_root}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
         if os.path.exists(partial):
             shutil.rmtree(partial)
         os.makedirs(partial)
-    _on_rank0(prepare, f"preparing {partial}")
+    on_rank0(prepare, f"preparing {partial}")
 
     sds = _state_dicts(model, ema, optimizer)
     world = dist.get_world_size() if _distributed() else 1
@@ -353,7 +353,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
             f.write(state_json)
             f.flush()
             os.fsync(f.fileno())
-    _on_rank0(write_state, f"writing {STATE_FILE}")
+    on_rank0(write_state, f"writing {STATE_FILE}")
     _test_hook("after_shards", step)
     _barrier()
 
@@ -366,7 +366,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
                            {"format": FORMAT, "step": int(step), "world_size": world, "components": components,
                             "time": time.time(), "torch": torch.__version__, "files": _list_files(partial)})
         _fsync_dir(partial)
-    _on_rank0(commit, f"committing {partial}")
+    on_rank0(commit, f"committing {partial}")
     _test_hook("after_marker", step)
 
     def publish():
@@ -381,7 +381,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
         if replaced:
             shutil.rmtree(old, ignore_errors=True)
         _cleanup(root, keep_last, keep=final)
-    _on_rank0(publish, f"publishing {final}")
+    on_rank0(publish, f"publishing {final}")
     return final
 
 
@@ -414,7 +414,7 @@ def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = Non
          optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a complete checkpoint into model / ema / optimizer (any wrapping, any world size); returns
     its `extra` dict. Strict: missing / unexpected keys and shape mismatches are listed. Collective."""
-    why = _on_rank0(lambda: check_complete(path), f"checking {path}")
+    why = on_rank0(lambda: check_complete(path), f"checking {path}")
     if why is not None:
         parent = os.path.dirname(os.path.abspath(path))
         have = [s for s, _ in list_complete(parent)]
@@ -557,7 +557,7 @@ def export_official_pt(source: str | None = None, out_file: str | None = None, *
             ckpt["opt"] = official_optimizer_state(osd)
         ckpt.update(args=dict(args), steps=int(steps))
         save_checkpoint_file(out_file, ckpt)
-    _on_rank0(write, f"writing {out_file}")
+    on_rank0(write, f"writing {out_file}")
     return out_file
 
 
@@ -594,5 +594,5 @@ def export_ema_safetensors(ema: torch.nn.Module | str, out_file: str, config: di
     if isinstance(ema, (str, os.PathLike)):
         write()
     else:
-        _on_rank0(write, f"writing {out_file}")
+        on_rank0(write, f"writing {out_file}")
     return out_file

@@ -1,6 +1,7 @@
 """The training loop: one process, DDP or FSDP2 under torchrun; REPA objective, AdamW, EMA, DCP checkpoints.
 
-Progress is counted in steps of the global batch (images = step x --batch-size). Rank r reads its slice of
+Progress is counted in images (step x --batch-size; the bar, the metrics and the checkpoints say how many
+were seen), in steps of the global batch. Rank r reads its slice of
 the global batch (StepSampler) and every random draw of a sample comes from a generator seeded by
 (seed, step, index of the sample in the global batch) (fastrepa.train.rng), so the loss sequence does not
 depend on the number of processes, and a run resumed from a checkpoint repeats the uninterrupted run bit
@@ -14,15 +15,17 @@ decides, identically on every rank, whether the step is finite and whether to st
 """
 import json
 import os
+import sys
 import time
+
 import torch
 from tqdm import tqdm
 
 from fastrepa.attention import check_backend
 from fastrepa.config import TrainConfig, to_flat
-from fastrepa.data import PackedDataset, StepSampler, build_loader, open_dataset
+from fastrepa.data import PackedDataset, StepSampler, build_loader, check_labels, open_dataset
 from fastrepa.distributed import setup
-from fastrepa.encoders import load_encoder
+from fastrepa.encoders import load_encoders
 from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
 from fastrepa.objectives.repa import label_dropout_prob
@@ -31,7 +34,7 @@ from fastrepa.train import checkpointing as C
 from fastrepa.train.ema import make_ema
 from fastrepa.train.flops import peak_tflops, train_flops_per_image
 from fastrepa.train.parallel import resolve_mode, wrap
-from fastrepa.train.report import MetricsLog, dry_run, write_report
+from fastrepa.train.report import MetricsLog, dry_run, metrics_line, write_report
 from fastrepa.train.rng import draw_step
 from fastrepa.train.schedule import lr_at
 from fastrepa.train.signals import StopRequest
@@ -63,6 +66,37 @@ def check_data_matches(dataset, model, encoders, cfg: TrainConfig) -> None:
     if encoders and tuple(image.shape[-2:]) != (cfg.data.resolution, cfg.data.resolution):
         raise ValueError(f"image {dataset.describe(0, 'image')} is {tuple(image.shape[-2:])}; "
                          f"--resolution is {cfg.data.resolution}")
+
+
+def check_resume_matches(extra: dict, cfg: TrainConfig, num_items: int, path: str) -> None:
+    """A checkpoint resumes exactly only with the same data order and draws: the same --seed, --batch-size
+    and dataset size. Anything else is refused (naming the flag) instead of silently continuing another run."""
+    saved = {"seed": extra.get("seed"), "num_items": extra.get("num_items"),
+             "batch_size": extra.get("batch_size", (extra.get("config") or {}).get("batch_size"))}
+    now = {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_items": num_items}
+    what = {"seed": "--seed", "batch_size": "--batch-size",
+            "num_items": f"the number of samples in --data-dir {cfg.data.data_dir}"}
+    for key, value in saved.items():
+        if value is not None and value != now[key]:
+            raise ValueError(f"cannot resume {path}: it was trained with {what[key]} = {value}, this run has "
+                             f"{now[key]}; the data order and random draws would not continue that run. Use the same "
+                             f"value, or a new --exp-name / --output-dir to start afresh")
+
+
+def load_grid_vae(cfg: TrainConfig, latent_channels: int, device: torch.device):
+    """The VAE that decodes the sample grids, loaded on rank 0 (the only rank that decodes); a VAE that is
+    missing or does not fit the latents fails on every rank at once, before training."""
+    box = {}
+
+    def load():
+        vae = load_vae(cfg.data.vae)
+        channels = getattr(vae, "latent_channels", None)
+        if channels is not None and channels != latent_channels:
+            raise ValueError(f"--vae {cfg.data.vae} decodes {channels}-channel latents; the latents in --data-dir "
+                             f"{cfg.data.data_dir} (and the model) have {latent_channels}")
+        box["vae"] = vae.to(device)
+    C.on_rank0(load, f"loading --vae {cfg.data.vae}")
+    return box.get("vae")
 
 
 def loader_backend(choice: str, dataset, device: torch.device, data_dir: str = "") -> str:
@@ -119,16 +153,18 @@ def train(cfg: TrainConfig) -> dict:
     check_impl(cfg.model.kernels, device)
     check_report_to(cfg.report_to)  # every rank: one failing alone would leave the others waiting
     dataset = open_dataset(cfg.data.data_dir)
+    check_labels(dataset, cfg.model.num_classes)
     backend = loader_backend(cfg.data.data_loader, dataset, device, cfg.data.data_dir)
     overrides = cfg.model_overrides()
     grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
-    encoders = [load_encoder(e, resolution=cfg.data.resolution, grid=grid).to(device)
-                for e in cfg.objective.encoders]
+    encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
+                                                      resolution=cfg.data.resolution, grid=grid)]
+                if cfg.objective.encoders else [])
     model = build_model(cfg.model.model, z_dims=[e.embed_dim for e in encoders], **overrides).to(device)
     check_data_matches(dataset, model, encoders, cfg)
     steps_per_epoch = len(dataset) // cfg.batch_size
     max_steps = min(cfg.max_train_steps, cfg.epochs * max(steps_per_epoch, 1))
-    vae = load_vae(cfg.data.vae).to(device) if rank0 else None
+    vae = load_grid_vae(cfg, model.in_channels, device)
     drop_prob = label_dropout_prob(model)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_image = train_flops_per_image(model, cfg.objective.encoders, cfg.data.resolution)
@@ -149,6 +185,7 @@ def train(cfg: TrainConfig) -> dict:
     found = C.resume_point(ckpt_root, cfg.resume_step or None)
     if found is not None:
         extra = C.load(found[1], model=model, ema=ema, optimizer=opt)
+        check_resume_matches(extra, cfg, len(dataset), found[1])
         step = int(extra["step"])
         skipped = int(extra.get("nonfinite_skipped", 0))
         if rank0:
@@ -160,7 +197,8 @@ def train(cfg: TrainConfig) -> dict:
         with open(os.path.join(exp_dir, "config.json"), "w") as f:
             json.dump(flat, f, indent=2)
     log = (MetricsLog(os.path.join(exp_dir, "metrics.jsonl"), resume_step=step, flops_per_image=flops_per_image,
-                      peak_flops=peak * 1e12 * world if peak else None, device=device) if rank0 else None)
+                      peak_flops=peak * 1e12 * world if peak else None, device=device,
+                      window=extra.get("metrics_window") if found else None) if rank0 else None)
     sinks = open_sinks(cfg.report_to, exp_dir, flat, cfg.exp_name, cfg.wandb_project) if rank0 else None
     env.barrier()
 
@@ -171,6 +209,8 @@ def train(cfg: TrainConfig) -> dict:
                         world_size=world, grad_accum=cfg.gradient_accumulation_steps,
                         max_grad_norm=cfg.optim.max_grad_norm, ema_decay=cfg.optim.ema_decay,
                         mixed_precision=cfg.mixed_precision, drop_prob=drop_prob)
+    if found is not None and extra.get("grad_scaler"):
+        step_fn.scaler.load_state_dict(extra["grad_scaler"])
     loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda", backend=backend,
                           device=device)
     last_ckpt, last_grid, stopped = (found[1] if found else None), None, None
@@ -185,7 +225,11 @@ def train(cfg: TrainConfig) -> dict:
         saved_step = step_now
         return C.save(ckpt_root, step_now, model=model, ema=ema, optimizer=opt, keep_last=cfg.keep_last,
                       extra={"step": step_now, "images": step_now * cfg.batch_size, "seed": cfg.seed,
-                             "world_size": world, "nonfinite_skipped": skipped, "config": flat})
+                             "batch_size": cfg.batch_size, "num_items": len(dataset),
+                             "data": dict(zip(("epoch", "batch_in_epoch"), divmod(step_now, sampler.steps_per_epoch))),
+                             "lr": lr(step_now), "world_size": world, "nonfinite_skipped": skipped,
+                             "metrics_window": log.window_state() if rank0 else {},
+                             "grad_scaler": step_fn.scaler.state_dict(), "config": flat})
 
     def grid(step_now: int):
         path = os.path.join(exp_dir, "samples", f"{step_now:07d}.png") if rank0 else None
@@ -193,16 +237,20 @@ def train(cfg: TrainConfig) -> dict:
             sample_grid(ema, vae, cfg, device, path)
         return path
 
-    def draw(s, latent_shape):
-        return draw_step(cfg.seed, s, first, local_batch, latent_shape, weighting=cfg.objective.weighting,
-                         path_type=cfg.objective.path_type, drop_prob=drop_prob)
+    def draw(s, latent_shape):  # on the device, copied asynchronously
+        return step_fn.to_device(draw_step(cfg.seed, s, first, local_batch, latent_shape,
+                                           weighting=cfg.objective.weighting, path_type=cfg.objective.path_type,
+                                           drop_prob=drop_prob))
 
     def lr(s):
         return lr_at(s, cfg.optim.learning_rate, cfg.optim.lr_schedule, cfg.optim.lr_warmup_steps, max_steps)
 
     pending = {}  # step -> its random draws, made one step ahead
     model.train()
-    bar = tqdm(total=max_steps, initial=step, desc=cfg.exp_name, dynamic_ncols=True, disable=None if rank0 else True)
+    # in images; on rank 0 also when stderr is a log file (then redrawn once a minute, not 10 times a second)
+    bar = tqdm(total=max_steps * cfg.batch_size, initial=step * cfg.batch_size, desc=cfg.exp_name, unit="img",
+               unit_scale=True, dynamic_ncols=True, disable=not rank0,
+               mininterval=0.1 if sys.stderr.isatty() else 60.0)
     t_train = time.time()
     with StopRequest() as stop:
         for raw, moments, labels in loader:
@@ -237,15 +285,15 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
 
             if rank0:
-                bar.update(1)
+                bar.update(cfg.batch_size)
                 row = log.add(step, cfg.batch_size, res.losses[1], res.losses[2], res.grad_norm,
                               opt.param_groups[0]["lr"], finite=res.finite,
-                              write=step % cfg.log_every == 0 or step == max_steps or res.stop)
+                              write=step % cfg.log_every == 0 or step == max_steps)
                 if row is not None:
                     sinks.log(row)
+                    tqdm.write(metrics_line(row), file=sys.stdout)
                     if row["loss"] is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
-                                        img_s=f"{row['images_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}")
             if step % cfg.checkpointing_steps == 0 or step == max_steps or res.stop:
                 last_ckpt = save(step)
             if res.stop:

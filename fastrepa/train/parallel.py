@@ -18,7 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 
 def resolve_mode(parallel: str, world_size: int) -> str:
-    return "none" if world_size == 1 else parallel
+    """The wrapping to use: none for one process; under torchrun --parallel, where `none` is refused (each rank
+    would train its own copy on its slice of the batch, and only one of them would be saved)."""
+    if world_size == 1:
+        return "none"
+    if parallel == "none":
+        raise ValueError(f"--parallel none with {world_size} processes: the ranks would train separate copies "
+                         f"without syncing gradients; use --parallel fsdp or ddp, or run one process")
+    return parallel
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:

@@ -4,7 +4,9 @@ A metrics row: step, images, loss (the denoising loss, as official REPA logs it)
 images_per_s, mfu (model FLOPs utilisation: trained images/s x FLOPs per image / the peak of all devices;
 null where the peak is unknown), peak_mem_gib (CUDA: the most memory allocated so far on rank 0's device;
 CPU: rank 0's peak resident set), skipped (steps of the window dropped as non-finite, --on-nonfinite skip).
-Averages are over the window's finite steps.
+Averages are over the window's finite steps. A window is the steps since the last logged one; its sums
+go into every checkpoint (`window_state`), so a run resumed between two logged steps logs the same
+averages as the uninterrupted run, whatever --log-every is.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class MetricsLog:
     by a run that died after its last checkpoint) are dropped, so the file reads like one uninterrupted run."""
 
     def __init__(self, path: str, resume_step: int = 0, flops_per_image: float | None = None,
-                 peak_flops: float | None = None, device: torch.device | None = None):
+                 peak_flops: float | None = None, device: torch.device | None = None, window: dict | None = None):
         self.path, self.flops_per_image, self.peak_flops, self.device = path, flops_per_image, peak_flops, device
         rows = []
         if os.path.exists(path):
@@ -44,10 +46,19 @@ class MetricsLog:
         self.file = open(path, "a")
         self.history: list[dict] = []
         self._new_window()
+        for key in self.SUMS:  # the open window of the run this one resumes
+            self.window[key] = (window or {}).get(key, self.window[key])
+
+    SUMS = ("loss", "proj_loss", "grad_norm", "n", "skipped")
 
     def _new_window(self):
+        # images: trained by this process since the window began (for images/s; not restored on resume)
         self.window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0,
                        "skipped": 0}
+
+    def window_state(self) -> dict:
+        """The open window's sums as plain numbers (a host sync: call it when checkpointing)."""
+        return {k: float(self.window[k]) if k not in ("n", "skipped") else int(self.window[k]) for k in self.SUMS}
 
     def add(self, step, batch, denoise, proj, grad_norm, lr, write: bool, finite: bool = True):
         """Accumulate one step (tensors stay on the device); returns the row when `write`."""
@@ -103,3 +114,13 @@ def dry_run(cfg) -> dict:
     out = {"dry_run": True, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **counts(cfg)}
     print(json.dumps({"config": to_flat(cfg), **out}, indent=1), flush=True)
     return out
+
+
+def metrics_line(row: dict) -> str:
+    """A metrics row as one line of text for stdout / logs."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+    return (f"step {row['step']} | images {row['images']} | loss {num(row['loss'], '.4f')} | "
+            f"proj_loss {num(row['proj_loss'], '.4f')} | grad_norm {num(row['grad_norm'], '.3f')} | "
+            f"lr {row['lr']:.3g} | {row['images_per_s']:.1f} img/s | mfu {num(row['mfu'], '.3f')} | "
+            f"peak_mem {row['peak_mem_gib']:.2f} GiB" + (f" | skipped {row['skipped']}" if row["skipped"] else ""))

@@ -7,6 +7,8 @@
 A step: the frozen encoders (no_grad, under the same autocast as the model), the forward/backward of each
 micro-batch, ONE all-reduce of the loss statistics and the stop request, the global grad-norm clip, then
 the only host sync of the step: are the loss and the grad norm finite, and did any rank ask to stop.
+Nothing else waits for the device: the random draws arrive pinned and copied asynchronously
+(`to_device`), and the stop request enters the all-reduce through a fill kernel, not a host copy.
 A finite step updates the weights (AdamW) and the EMA; a non-finite one leaves weights, optimizer state
 and EMA exactly as they were (the gradients are dropped) and says so in the result; the caller decides
 whether that stops the run or is skipped and counted (--on-nonfinite).
@@ -61,20 +63,28 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and mixed_precision == "fp16")
         self.params = [p for p in model.parameters() if p.requires_grad]
 
+    def to_device(self, draws):
+        """The CPU draws of a step (fastrepa.train.rng.draw_step) on the device without a host sync: pinned,
+        then copied asynchronously (the copies queue behind the kernels already launched)."""
+        if self.device.type != "cuda":
+            return tuple(t.to(self.device) for t in draws)
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in draws)
+
     def encode(self, raw: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad(), self.autocast():
             return [enc(raw) for enc in self.encoders]
 
     def __call__(self, raw, moments, labels, draws, *, lr: float, stop_flag: bool = False, poison: bool = False,
                  before_sync=None) -> StepResult:
-        """draws = (eps, time, noise, drop) for this rank's samples (fastrepa.train.rng.draw_step).
+        """draws = (eps, time, noise, drop) for this rank's samples (fastrepa.train.rng.draw_step), best
+        already on the device (`to_device`, e.g. in the previous step's before_sync).
         before_sync: called after the last kernel launch and before the host sync (the loop draws the
         next step's random numbers there, while the device still works)."""
         obj, device, accum = self.objective, self.device, self.accum
         zs_all = self.encode(raw)
         mean, std = moments.chunk(2, dim=1)
-        eps, t_all, noise_all, drop_all = draws
-        x_all = (mean + std * eps.to(device, mean.dtype)) * self.data.latents_scale + self.data.latents_bias
+        eps, t_all, noise_all, drop_all = (t if t.device == device else t.to(device) for t in draws)
+        x_all = (mean + std * eps.to(mean.dtype)) * self.data.latents_scale + self.data.latents_bias
         n = x_all.shape[0]
         loss_sum = denoise_sum = proj_sum = torch.zeros((), device=device)
         for k in range(accum):
@@ -82,7 +92,7 @@ class TrainStep:
             with self.autocast():
                 denoise, proj = repa_loss(
                     self.model, x_all[part], labels[part], [z[part] for z in zs_all], time=t_all[part],
-                    noise=noise_all[part], force_drop_ids=drop_all[part].to(device) if self.drop_prob > 0 else None,
+                    noise=noise_all[part], force_drop_ids=drop_all[part] if self.drop_prob > 0 else None,
                     path_type=obj.path_type, prediction=obj.prediction, weighting=obj.weighting)
                 loss = total_loss(denoise, proj, obj.proj_coeff)
             if poison:
@@ -92,7 +102,9 @@ class TrainStep:
             denoise_sum = denoise_sum + denoise.detach().mean() / accum
             proj_sum = proj_sum + proj.detach() / accum
         # One all-reduce: the mean losses over the ranks and the stop request (any rank's signal).
-        stats = torch.stack([loss_sum, denoise_sum, proj_sum, torch.tensor(float(stop_flag), device=device)]).float()
+        # (torch.full is a fill kernel; torch.tensor(flag, device=...) would be a blocking host-to-device copy)
+        flag = torch.full((), float(stop_flag), device=device)
+        stats = torch.stack([loss_sum, denoise_sum, proj_sum, flag]).float()
         stats = all_reduce_sum(stats)
         losses = stats[:3] / self.world
         self.scaler.unscale_(self.optimizer)
