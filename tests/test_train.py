@@ -58,6 +58,19 @@ def test_resume_step_continues_exactly(tmp_path, data16):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
+def test_gradient_accumulation_trains_like_one_batch(tmp_path, data16):
+    """--gradient-accumulation-steps 4: the same samples and draws, so the same losses, grad norms and
+    weights as one batch, up to float round-off."""
+    one = train(cfg(tmp_path / "one", data16, max_train_steps=3))
+    four = train(cfg(tmp_path / "four", data16, max_train_steps=3, gradient_accumulation_steps=4))
+    rows = [[json.loads(line) for line in open(os.path.join(r["exp_dir"], "metrics.jsonl"))] for r in (one, four)]
+    for key in ("loss", "proj_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in rows[1]], [r[key] for r in rows[0]], rtol=1e-5, atol=1e-7)
+    a, b = load_checkpoint_file(one["checkpoint"]), load_checkpoint_file(four["checkpoint"])
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+
+
 def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     """A NaN at step 4 stops the run before the update and checkpoints the good weights of step 4 (the
     step-3 checkpoint stays); a fixed rerun resumes there and ends bit-identical to an uninterrupted run."""

@@ -107,7 +107,8 @@ def test_fsdp2_two_processes_equal_one(runs):
 
 
 def test_ddp_two_processes_equal_one(runs):
-    ok(launch(flags(runs["base"] / "ddp", runs["data"], parallel="ddp")))
+    # with 2 micro-batches per step: the first accumulates locally (no_sync), the second all-reduces
+    ok(launch(flags(runs["base"] / "ddp", runs["data"], parallel="ddp", gradient_accumulation_steps=2)))
     exp = str(runs["base"] / "ddp" / "run")
     assert json.load(open(os.path.join(exp, "report.json")))["parallel"] == "ddp"
     for key in ("loss", "proj_loss", "grad_norm"):

@@ -199,7 +199,7 @@ def train(cfg: TrainConfig) -> dict:
     log = (MetricsLog(os.path.join(exp_dir, "metrics.jsonl"), resume_step=step, flops_per_image=flops_per_image,
                       peak_flops=peak * 1e12 * world if peak else None, device=device,
                       window=extra.get("metrics_window") if found else None) if rank0 else None)
-    sinks = open_sinks(cfg.report_to, exp_dir, flat, cfg.exp_name, cfg.wandb_project) if rank0 else None
+    sinks = open_sinks(cfg.report_to, exp_dir, flat, cfg.exp_name, cfg.wandb_project, step) if rank0 else None
     env.barrier()
 
     sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, env.rank, world, start_step=step,

@@ -11,6 +11,8 @@ checkpointing are applied per block before sharding and in place, so state-dict 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -72,6 +74,16 @@ def wrap(model, ema, mode: str, device: torch.device, *, bf16: bool = False, com
     elif mode != "none":
         raise ValueError(f"--parallel={mode!r}: expected fsdp, ddp or none")
     return model, ema
+
+
+def grad_sync(model, enabled: bool):
+    """Context for one micro-batch's backward: under DDP, gradients all-reduce only when `enabled` (the last
+    micro-batch of a step; the others accumulate locally, `no_sync`). FSDP2 reduce-scatters every
+    micro-batch, which keeps only sharded gradients in memory; one process has nothing to sync."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return nullcontext()
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

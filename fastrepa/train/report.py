@@ -112,7 +112,8 @@ def dry_run(cfg) -> dict:
     from fastrepa.config import to_flat
     from fastrepa.train.flops import counts
     out = {"dry_run": True, "world_size": int(os.environ.get("WORLD_SIZE", "1")), **counts(cfg)}
-    print(json.dumps({"config": to_flat(cfg), **out}, indent=1), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per rank
+        print(json.dumps({"config": to_flat(cfg), **out}, indent=1), flush=True)
     return out
 
 

@@ -26,10 +26,11 @@ def _numeric(row: dict) -> dict:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: str, config: dict):
+    def __init__(self, log_dir: str, config: dict, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
         self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=log_dir)
+        # purge_step: a resumed run hides the events a dead run wrote after its last checkpoint
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=resume_step + 1 if resume_step else None)
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
 
     def log(self, row: dict) -> None:
@@ -92,10 +93,11 @@ def check_report_to(report_to: str) -> None:
                         "or use --report-to none")
 
 
-def open_sinks(report_to: str, exp_dir: str, config: dict, name: str, project: str = "REPA") -> Sinks:
+def open_sinks(report_to: str, exp_dir: str, config: dict, name: str, project: str = "REPA",
+               resume_step: int = 0) -> Sinks:
     check_report_to(report_to)
     if report_to == "tensorboard" or (report_to == "auto" and _installed("tensorboard")):
-        return Sinks([TensorBoardSink(os.path.join(exp_dir, "tensorboard"), config)])
+        return Sinks([TensorBoardSink(os.path.join(exp_dir, "tensorboard"), config, resume_step)])
     if report_to == "wandb":
         return Sinks([WandbSink(exp_dir, config, name, project)])
     return Sinks([])

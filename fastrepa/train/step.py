@@ -23,7 +23,7 @@ import torch
 
 from fastrepa.objectives import repa_loss, total_loss
 from fastrepa.train.ema import update_ema
-from fastrepa.train.parallel import all_reduce_sum, clip_grad_norm
+from fastrepa.train.parallel import all_reduce_sum, clip_grad_norm, grad_sync
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 TEST_NAN_ENV = "FASTREPA_TEST_NAN_AT_STEP"  # test hook "k" or "k:rank": that rank's loss is NaN at step k
@@ -97,7 +97,8 @@ class TrainStep:
                 loss = total_loss(denoise, proj, obj.proj_coeff)
             if poison:
                 loss = loss * float("nan")
-            self.scaler.scale(loss / accum).backward()
+            with grad_sync(self.model, enabled=k == accum - 1):
+                self.scaler.scale(loss / accum).backward()
             loss_sum = loss_sum + loss.detach() / accum
             denoise_sum = denoise_sum + denoise.detach().mean() / accum
             proj_sum = proj_sum + proj.detach() / accum
