@@ -203,6 +203,32 @@ def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noq
     assert json.load(open(tmp_path / "run" / "report.json"))["stopped_by"] == "SIGTERM"
 
 
+def test_sigterm_to_the_launcher_checkpoints_and_exits(tmp_path, data16):  # noqa: F811
+    """What a scheduler does on preemption (scancel, spot reclaim): SIGTERM to torchrun itself. The launcher
+    passes it to both workers, which finish the step, write one checkpoint and leave before its grace
+    period ends; a rerun resumes from that checkpoint."""
+    import signal
+    import time
+    argv = flags(tmp_path, data16, max_train_steps=100000, checkpointing_steps=100000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "train.py"]
+    proc = subprocess.Popen(cmd + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "SIGTERM: stopped after step" in out, (out[-2000:], err[-4000:])
+    saved = C.list_complete(str(tmp_path / "run" / "checkpoints"))
+    assert len(saved) == 1 and saved[0][0] >= 2
+    assert json.load(open(tmp_path / "run" / "report.json"))["stopped_by"] == "SIGTERM"
+    r = ok(launch(flags(tmp_path, data16, max_train_steps=saved[0][0] + 1, checkpointing_steps=100000)))
+    assert f"step {saved[0][0]}" in r.stdout and "resuming from" in r.stdout
+
+
 def test_sigterm_one_process_and_keep_last(tmp_path, data16, monkeypatch):  # noqa: F811
     monkeypatch.setenv(TEST_SIGNAL_ENV, "4")
     report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
