@@ -6,8 +6,9 @@
   (preprocessing/dataset_tools.py encode) stores as `img-mean-std-*.npy`: the encoder runs in fp32 on
   x / 127.5 - 1 and keeps `latent_dist.mean` and `latent_dist.std`;
 - `encode(images, generator=None)`: one unscaled posterior sample mean + std * eps;
-- `decode(latents)`: unscaled latents -> images float32 in about [-1, 1]; on CUDA in bf16 autocast,
-  in batches of `batch_size`; fp32 on the CPU.
+- `decode(latents)`: unscaled latents -> images float32 in about [-1, 1], in batches of `batch_size`;
+  on CUDA under autocast to `decode_dtype` (bf16 by default; None: fp32, no autocast), fp32 on the CPU.
+  The decode sets its own autocast state, so a caller's autocast (generate.py's sampler) never leaks in.
 
 Names: `identity` (the demo's pixel space: latents are the images in [-1, 1], moments = [x, 0]),
 `ema` / `mse` (stabilityai/sd-vae-ft-ema / sd-vae-ft-mse from the Hugging Face cache, never downloaded),
@@ -86,7 +87,8 @@ class IdentityVAE(torch.nn.Module):
 
 
 class SDVAE(torch.nn.Module):
-    """A frozen diffusers AutoencoderKL with REPA's encode-to-moments and batched (bf16 on CUDA) decode."""
+    """A frozen diffusers AutoencoderKL with REPA's encode-to-moments and batched decode (on CUDA under
+    autocast to `decode_dtype`, bf16 by default, None for fp32; fp32 on the CPU)."""
 
     def __init__(self, autoencoder, name: str = "sd-vae", batch_size: int = 32,
                  decode_dtype: torch.dtype | None = torch.bfloat16):
@@ -94,7 +96,7 @@ class SDVAE(torch.nn.Module):
         self.vae = autoencoder.eval().requires_grad_(False)
         self.name = name
         self.batch_size = int(batch_size)
-        self.decode_dtype = decode_dtype  # used on CUDA only; the CPU decodes in fp32
+        self.decode_dtype = decode_dtype  # the autocast dtype of the decode on CUDA; None: fp32
         cfg = autoencoder.config
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
@@ -102,6 +104,12 @@ class SDVAE(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
+
+    @property
+    def decode_autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype decode() runs under on this device (None: fp32): `decode_dtype` on CUDA,
+        None on the CPU."""
+        return self.decode_dtype if self.device.type == "cuda" else None
 
     def train(self, mode: bool = True):  # always frozen, always eval
         return super().train(False)
@@ -134,11 +142,10 @@ class SDVAE(torch.nn.Module):
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"the {self.name} VAE decodes [N, {self.latent_channels}, h, w] latents, got "
                              f"{tuple(latents.shape)}: the model's latents do not fit this VAE (--vae)")
-        dev = self.device
-        use_bf16 = dev.type == "cuda" and self.decode_dtype is not None
+        dev, dtype = self.device, self.decode_autocast_dtype
         out = []
         for batch in latents.split(self.batch_size):
-            with torch.autocast("cuda", dtype=self.decode_dtype, enabled=use_bf16):
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):  # replaces any outer autocast
                 x = self.vae.decode(batch.to(dev, torch.float32)).sample
             out.append(x.float())
         return torch.cat(out)
@@ -176,6 +183,7 @@ def load_vae(name: str, *, cache_dir: str | None = None, batch_size: int = 32,
     Nothing is downloaded (local_files_only=True; HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE apply as
     usual to where the cache is). A VAE that is not on disk raises VAENotFoundError saying where it
     looked and how to get it. The module is frozen, in eval mode, on the CPU; move it with .to(device).
+    `decode_dtype`: the SD-VAE's decode autocast dtype on CUDA (None: fp32).
     """
     if name == "identity":
         return IdentityVAE()

@@ -1,5 +1,6 @@
 """fastrepa.vae: SD-VAE (a tiny random diffusers AutoencoderKL saved to disk) loading, moments as REPA's
 preprocessing stores them, REPA's posterior sampling, batched decode, and the missing-VAE error."""
+import copy
 import os
 
 import pytest
@@ -124,3 +125,48 @@ def test_identity_vae_moments_and_decode():
     assert m[:, 3:].abs().max() == 0
     u8 = decode_to_uint8(vae, sample_posterior(m, 1.0, 0.0), 1.0, 0.0)
     assert u8.shape == (2, 4, 4, 3) and (u8.permute(0, 3, 1, 2).int() - imgs.int()).abs().max() <= 1
+
+
+def test_decode_to_uint8_truncates_and_clamps_exactly():
+    """generate.py's conversion (decode_to_uint8, as the official generate.py): (x + 1) / 2, clamp(255 x, 0, 255),
+    then .to(uint8), which truncates: 127.9 -> 127, 0.99 -> 0, 254.6 -> 254, 1.5 -> 1 (rounding would give 128,
+    1, 255, 2); out of range clamps to 0 and 255; the ends -1 and 1 are exactly 0 and 255."""
+    levels = torch.tensor([127.9, 0.99, 254.6, 1.5, 200.2, 255.0, 0.0, -40.0, 300.0], dtype=torch.float64)
+    want = [127, 0, 254, 1, 200, 255, 0, 0, 255]
+    x = (2 * levels / 255 - 1).float()  # the decoder output of each level, off any integer by >= 0.01
+    latents = torch.stack([x, x.flip(0), x]).view(1, 3, 3, 3)  # channels: the levels, reversed, the levels
+    u8 = decode_to_uint8(IdentityVAE(), latents, 1.0, 0.0)
+    assert u8.dtype == torch.uint8 and u8.shape == (1, 3, 3, 3)
+    assert u8[0, ..., 0].flatten().tolist() == want and u8[0, ..., 2].flatten().tolist() == want
+    assert u8[0, ..., 1].flatten().tolist() == want[::-1]
+
+
+def test_decode_dtype_is_the_callers_choice_and_fp32_ignores_an_outer_autocast(tiny):
+    """decode_dtype=None (generate.py --precision fp32) decodes in fp32 even inside the sampler's autocast; the
+    default bf16 applies on CUDA only."""
+    path, ae = tiny
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = ae.decode(z).sample
+    fp32 = load_vae(path, decode_dtype=None)
+    assert fp32.decode_dtype is None and fp32.decode_autocast_dtype is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what sample_batch runs the decode under with bf16
+        x = fp32.decode(z)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x, ref, rtol=1e-6, atol=1e-6)
+    bf16 = load_vae(path)
+    assert bf16.decode_dtype == torch.bfloat16 and bf16.decode_autocast_dtype is None  # the CPU decodes in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(bf16.decode(z), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_decode_has_no_autocast(tiny):
+    path, ae = tiny
+    vae = load_vae(path, decode_dtype=None).cuda()
+    assert vae.decode_autocast_dtype is None and load_vae(path).cuda().decode_autocast_dtype == torch.bfloat16
+    z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = copy.deepcopy(ae).cuda().decode(z.cuda()).sample  # fp32, no autocast
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the sampler's autocast does not reach the decode
+        torch.testing.assert_close(vae.decode(z.cuda()), ref, rtol=1e-4, atol=1e-4)  # bf16 would be ~1e-2 off
