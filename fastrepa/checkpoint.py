@@ -7,6 +7,7 @@ types only (args as a dict) and is atomic: a crash mid-write never leaves a trun
 import argparse
 import os
 import re
+import warnings
 
 import torch
 
@@ -37,9 +38,21 @@ def is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+BARE = "state_dict"  # what weights_name calls the weights of a bare state dict
+
+
+def weights_name(ckpt: dict, key: str = "ema") -> str:
+    """Which weights select_weights(ckpt, key) gives: `key`, or "state_dict" for a bare state dict."""
+    return BARE if is_state_dict(ckpt) else key
+
+
 def select_weights(ckpt: dict, key: str = "ema", source: str = "checkpoint") -> dict:
-    """The state dict under `key` ("ema" or "model"); a bare state dict is returned as it is."""
+    """The state dict under `key` ("ema" or "model"); a bare state dict is returned as it is, with a
+    warning (it is neither known to be the EMA nor the raw weights)."""
     if is_state_dict(ckpt):
+        warnings.warn(f"{source} is a bare state dict, not a checkpoint with {' / '.join(WEIGHT_KEYS)} weights: "
+                      f"its tensors are used as they are (whatever --weights says, here {key!r}); whether they are "
+                      f"the EMA is unknown", stacklevel=2)
         return ckpt
     if key not in ckpt:
         raise CheckpointError(f"{source} has no {key!r} weights (keys: {sorted(ckpt)}); "

@@ -1,13 +1,14 @@
 """Official REPA checkpoint files: round trip, legacy layout, Namespace args, clear mismatch errors."""
 import argparse
 import pickle
+import warnings
 
 import pytest
 import torch
 
 from conftest import tiny_model
 from fastrepa.checkpoint import (CheckpointError, convert_legacy, load_checkpoint_file, load_weights,
-                                 save_checkpoint_file, select_weights)
+                                 save_checkpoint_file, select_weights, weights_name)
 
 
 def official_file(tmp_path, model, **extra):
@@ -97,6 +98,18 @@ def test_missing_ema_and_bad_files(tmp_path):
     bad.write_bytes(b"\x80\x02garbage")
     with pytest.raises(CheckpointError, match="trunc.pt"):
         load_checkpoint_file(str(bad))
+
+
+def test_bare_state_dict_is_used_with_a_warning():
+    sd = tiny_model().state_dict()
+    with pytest.warns(UserWarning, match=r"bare\.pt is a bare state dict, not a checkpoint with ema / model weights.*"
+                                         r"here 'ema'"):
+        got = select_weights(sd, "ema", source="bare.pt")
+    assert got is sd and weights_name(sd, "ema") == weights_name(sd, "model") == "state_dict"
+    ckpt = {"ema": sd, "model": {k: v + 1 for k, v in sd.items()}, "steps": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full checkpoint: no warning
+        assert select_weights(ckpt, "model") is ckpt["model"] and weights_name(ckpt, "model") == "model"
 
 
 class Evil:
