@@ -14,6 +14,7 @@ from fastrepa.eval import (EvalInputError, FeatureAccumulator, FIDInceptionV3, N
                            RunningStats, compute_activations, extract_features, frechet_distance,
                            image_features, inception_score, load_inception, manifold_radii,
                            precision_recall)
+from fastrepa.eval.cli import METRIC_KEYS, cli
 from fastrepa.eval.cli import main as eval_main
 from fastrepa.eval.inception import FID_WEIGHTS_URL
 
@@ -244,7 +245,9 @@ def test_features_in_chunks_accumulate_to_compute_activations(inception):
         acc.add(f["pool"], f["spatial"], f["logits"])
     got = acc.result()
     np.testing.assert_allclose(got.pool, whole.pool, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    # logits are 2048-long fp32 dot products of the pool features: a different network batch size
+    # may sum them in another order, so allow fp32 round-off at the logits' own scale
+    np.testing.assert_allclose(got.logits, whole.logits, rtol=1e-5, atol=2e-6 * np.abs(whole.logits).max())
     for s_got, s_want in ((got.pool_stats, whole.pool_stats), (got.spatial_stats, whole.spatial_stats)):
         assert s_got.n == s_want.n == 3
         np.testing.assert_allclose(s_got.mu, s_want.mu, rtol=1e-5, atol=1e-6)
@@ -305,9 +308,17 @@ def test_reference_validation(tmp_path):
     np.savez(p, arr_1=np.zeros(3))
     with pytest.raises(EvalInputError, match=r"ref\.npz.*neither FID statistics.*nor images"):
         ReferenceFile(p)
-    np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(EvalInputError, match=r"missing \['mu_s', 'sigma_s'\]"):
+    np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023))
+    with pytest.raises(EvalInputError, match=r"'mu_s' without 'sigma_s'"):
         ReferenceFile(p)
+    np.savez(p, mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with pytest.raises(EvalInputError, match=r"neither FID statistics \('mu', 'sigma'"):
+        ReferenceFile(p)
+    np.savez(p, arr_0=_images(1, 0))
+    with pytest.raises(EvalInputError, match=r"ref\.npz: 1 reference image; FID statistics need at least 2"):
+        ReferenceFile(p)
+    with pytest.raises(EvalInputError, match="folder"):
+        ReferenceFile(p, center_crop=32)
     np.savez(p, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(7), sigma_s=np.eye(7))
     with pytest.raises(EvalInputError, match=r"'mu_s' has shape \(7,\)"):
         ReferenceFile(p)
@@ -362,3 +373,123 @@ def test_cli_bad_inputs_fail_before_loading_weights(tmp_path):
     np.savez(samples, arr_0=_images(2, 0))
     with pytest.raises(FileNotFoundError, match="/nonexistent"):
         eval_main([str(samples), "--ref", str(tmp_path / "ref.npz"), "--inception", "/nonexistent"])
+
+
+def test_partial_reference_scores_fid_and_reports_sfid_unavailable(inception_file, tmp_path):
+    """mu/sigma without mu_s/sigma_s: FID from the file, sFID None with a note; with arr_0 in the file
+    too, the spatial statistics come from its images."""
+    samples, full = tmp_path / "samples.npz", tmp_path / "full.npz"
+    np.savez(samples, arr_0=_images(4, 0))
+    np.savez(full, arr_0=_images(5, 3))
+    base = ["--inception", str(inception_file), "--fd-method", "eigh", "--batch-size", "5"]
+    want = eval_main([str(samples), "--ref", str(full), *base], quiet=True)
+    [cache] = tmp_path.glob("full.npz.*.fastrepa-stats.npz")
+    with np.load(cache) as c:
+        stats = {k: c[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    np.savez(tmp_path / "pool_only.npz", mu=stats["mu"], sigma=stats["sigma"])
+    rep = eval_main([str(samples), "--ref", str(tmp_path / "pool_only.npz"), *base], quiet=True)
+    assert rep["fid"] == pytest.approx(want["fid"], rel=1e-9) and rep["sfid"] is None
+    assert rep["precision"] is None and rep["inception_score"] == pytest.approx(want["inception_score"])
+    assert any("sFID unavailable" in n and "pool_only.npz" in n for n in rep["notes"])
+    # the same statistics beside the images: sFID (and P/R) from the images, FID from the file
+    np.savez(tmp_path / "with_images.npz", arr_0=_images(5, 3), mu=stats["mu"], sigma=stats["sigma"])
+    rep2 = eval_main([str(samples), "--ref", str(tmp_path / "with_images.npz"), *base], quiet=True)
+    for k in ("fid", "sfid", "precision", "recall"):
+        assert rep2[k] == pytest.approx(want[k], rel=1e-9), k
+    assert rep2["settings"]["reference_stats_source"].startswith("file (mu, sigma) and computed")
+
+
+def _write_folder(folder, images, ext=".png"):
+    """Images i as folder/<i % 2>/img<i>.ext: nested, and listed in sorted relative-path order."""
+    from PIL import Image
+    order = []
+    for i, im in enumerate(images):
+        rel = f"{i % 2}/img{i}{ext}"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / rel)
+        order.append(rel)
+    return [int(r.split("img")[1].split(".")[0]) for r in sorted(order)]
+
+
+def test_folder_reference_equals_the_npz_of_its_images_and_make_ref(inception_file, tmp_path):
+    imgs = _images(5, 4)
+    folder = tmp_path / "real"
+    order = _write_folder(folder, imgs)
+    (folder / "notes.txt").write_text("not an image")
+    np.savez(tmp_path / "ref.npz", arr_0=imgs[order])  # the same images in the folder's (sorted) order
+    np.savez(tmp_path / "samples.npz", arr_0=_images(4, 0))
+    base = ["--inception", str(inception_file), "--fd-method", "eigh", "--batch-size", "3", "--device", "cpu"]
+    npz = eval_main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), *base], quiet=True)
+    rep = eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), *base], quiet=True)
+    assert rep["settings"]["num_reference_images"] == 5 and rep["settings"]["reference_stats_source"] == "computed"
+    for k in METRIC_KEYS:
+        assert rep[k] == pytest.approx(npz[k], rel=1e-12), k
+    [cache] = tmp_path.glob("real.*.fastrepa-stats.npz")
+    with np.load(cache) as c, np.load(next(tmp_path.glob("ref.npz.*.fastrepa-stats.npz"))) as n:
+        for k in ("mu", "sigma", "mu_s", "sigma_s", "pool"):
+            np.testing.assert_array_equal(c[k], n[k])
+    rep = eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), *base], quiet=True)
+    assert rep["settings"]["reference_stats_source"] == f"cache:{cache}"
+    # an image changed (size, mtime): the cache no longer applies
+    from PIL import Image
+    Image.fromarray(_images(1, 9)[0]).save(folder / "1" / "img1.png")
+    rep = eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), *base], quiet=True)
+    assert rep["settings"]["reference_stats_source"] == "computed" and rep["fid"] != pytest.approx(npz["fid"])
+    Image.fromarray(imgs[1]).save(folder / "1" / "img1.png")
+
+    # make-ref: the statistics and pool features as an ADM-format .npz, which scores as the folder does
+    made = eval_main(["make-ref", str(folder), "--out", str(tmp_path / "made" / "ref.npz"), *base[:2], *base[4:]],
+                     quiet=True)
+    assert made["num_images"] == 5 and made["source"] == "computed"
+    with np.load(tmp_path / "made" / "ref.npz") as z:
+        assert set(z.files) == {"mu", "sigma", "mu_s", "sigma_s", "pool", "inception_sha256"}
+        assert z["pool"].shape == (5, 2048)
+    rep = eval_main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "made" / "ref.npz"), *base], quiet=True)
+    assert rep["settings"]["reference_stats_source"] == "file"
+    for k in METRIC_KEYS:
+        assert rep[k] == pytest.approx(npz[k], rel=1e-12), k
+    # other Inception weights: the stored pool features do not apply (FID still does)
+    other = tmp_path / "other.pth"
+    torch.save(_signal_preserving_weights(seed=1), other)
+    rep = eval_main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "made" / "ref.npz"), "--inception",
+                     str(other), "--fd-method", "eigh"], quiet=True)
+    assert rep["precision"] is None and any("not these" in n for n in rep["notes"])
+
+
+def test_folder_reference_center_crop_and_errors(inception_file, tmp_path):
+    from fastrepa.data.center_crop import center_crop_arr
+    big = [_images(1, 10 + i, hw=(40 + 8 * i, 70))[0] for i in range(3)]  # other sizes, not square
+    folder = tmp_path / "big"
+    order = _write_folder(folder, big, ext=".jpg")
+    from PIL import Image
+    decoded = [np.asarray(Image.open(folder / f"{i % 2}/img{i}.jpg").convert("RGB")) for i in order]
+    np.savez(tmp_path / "cropped.npz", arr_0=np.stack([center_crop_arr(im, 32) for im in decoded]))
+    np.savez(tmp_path / "samples.npz", arr_0=_images(4, 0))
+    base = ["--inception", str(inception_file), "--fd-method", "eigh", "--no-cache"]
+    want = eval_main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "cropped.npz"), *base], quiet=True)
+    got = eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), "--ref-center-crop", *base], quiet=True)
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-12) and got["sfid"] == pytest.approx(want["sfid"], rel=1e-12)
+    with pytest.raises(EvalInputError, match=r"0/img2\.jpg: image is 70x56, .*0/img0\.jpg is 70x40.*--ref-center-crop"):
+        eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), *base], quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalInputError, match="empty: reference folder holds no images"):
+        ReferenceFile(tmp_path / "empty")
+    (folder / "0" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(EvalInputError, match=r"broken\.png: cannot read"):
+        eval_main([str(tmp_path / "samples.npz"), "--ref", str(folder), "--ref-center-crop", *base], quiet=True)
+
+
+def test_cli_small_n_is_a_clean_error_or_partial(inception_file, tmp_path, capsys):
+    np.savez(tmp_path / "one.npz", arr_0=_images(1, 0))
+    np.savez(tmp_path / "three.npz", arr_0=_images(3, 1))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(5, 2))
+    base = ["--inception", str(inception_file), "--fd-method", "eigh"]
+    with pytest.raises(SystemExit) as e:
+        cli([str(tmp_path / "one.npz"), "--ref", str(tmp_path / "ref.npz"), *base])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "one.npz: 1 sample; FID needs at least 2" in err and "Traceback" not in err
+    # 3 samples: FID, sFID and IS; precision/recall (k=3) need more than 3 a side -> None and a note
+    rep = eval_main([str(tmp_path / "three.npz"), "--ref", str(tmp_path / "ref.npz"), *base], quiet=True)
+    assert np.isfinite(rep["fid"]) and np.isfinite(rep["sfid"]) and rep["precision"] is None and rep["recall"] is None
+    assert any("need more than 3 images a side; have 3 samples and 5 reference images" in n for n in rep["notes"])
