@@ -19,6 +19,7 @@ import time
 
 
 def build_parser():
+    from fastrepa.generation import COMPILE_MODES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint .pt in the official REPA layout")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to sample from")
@@ -55,13 +56,19 @@ def build_parser():
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast dtype of the model and the VAE decode (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model's velocity (default: on for CUDA, off on CPU)")
+                   help="torch.compile the model's velocity (default: on for CUDA, off on CPU; on with --compile-mode)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile mode (default: default); reduce-overhead captures CUDA graphs. Static "
+                        "shapes (dynamic=False): one graph for the batch and one for the CFG-doubled batch")
     p.add_argument("--overwrite", action="store_true",
                    help="discard the shards of an earlier run with different settings in --sample-dir")
     p.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a process waits for the others at a barrier before failing")
     # Metrics (fastrepa.eval) of the assembled samples.
-    p.add_argument("--ref", default=None, help="ADM reference .npz: score the samples (FID, sFID, IS, P/R)")
+    p.add_argument("--ref", default=None, help="ADM reference .npz, or a folder of PNG/JPEG images: score the "
+                                               "samples (FID, sFID, IS, P/R)")
+    p.add_argument("--ref-center-crop", action="store_true",
+                   help="with a --ref folder: ADM center crop its images to the samples' resolution")
     p.add_argument("--inception", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
     p.add_argument("--eval-batch-size", type=int, default=100)
@@ -73,6 +80,10 @@ def build_parser():
                         "(default). --no-stream-features: rank 0 scores the assembled .npz afterwards")
     return p
 
+
+# Recorded in settings.json since --compile-mode: a settings.json written before then lacks them, and is
+# compared without them (those runs did not say what they used).
+LATER_KEYS = ("kernels", "compile", "tf32")
 
 # Test hook (used by tests/test_generate.py only): the process stops with TEST_EXIT_CODE after writing
 # this many shards, as if it had been killed.
@@ -91,12 +102,19 @@ def _check_settings(shard_dir: str, settings: dict, overwrite: bool):
             old = json.load(f)
     except (OSError, ValueError) as e:
         old = {"<unreadable settings.json>": str(e)}
+    settings = {k: v for k, v in settings.items() if k in old or k not in LATER_KEYS}
     if old == settings or overwrite:
         return None
     diff = [f"{k}: {old.get(k, '<absent>')!r} there, {settings.get(k, '<absent>')!r} now"
             for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
     return (f"{shard_dir} holds samples of a run with different settings ({'; '.join(diff)}); pass --overwrite "
             "to discard them, or choose another --sample-dir")
+
+
+def _compile_numerics(mode):
+    """The part of a compile mode that changes the numbers: None (eager), "default" (reduce-overhead too: its
+    CUDA graphs replay the same kernels) or "max-autotune" (other kernels, with or without CUDA graphs)."""
+    return mode and ("max-autotune" if mode.startswith("max-autotune") else "default")
 
 
 def _discard_previous(sample_dir: str, shard_dir: str, png_dir: str) -> None:
@@ -137,11 +155,17 @@ def main(argv=None) -> int:
                            ("guidance-low", 0 <= a.guidance_low <= a.guidance_high <= 1,
                             "0 <= --guidance-low <= --guidance-high <= 1"),
                            ("eval-batch-size", a.eval_batch_size >= 1, "a positive integer"),
+                           ("num-fid-samples", a.ref is None or a.num_fid_samples >= 2,
+                            "at least 2 to score them with --ref (FID needs a covariance)"),
                            ("dist-timeout", a.dist_timeout > 0, "a positive number of seconds")):
         if not ok:
             parser.error(f"--{name}: expected {want}")
     if not os.path.isfile(a.ckpt):
         parser.error(f"--ckpt {a.ckpt}: no such file")
+    if a.compile is False and a.compile_mode is not None:
+        parser.error(f"--compile-mode {a.compile_mode} needs compiling: drop --no-compile")
+    if a.ref_center_crop and not (a.ref and os.path.isdir(a.ref)):
+        parser.error("--ref-center-crop: applies to a --ref folder of images only")
 
     inception = None
     if a.ref is not None:  # check the metric inputs now, not after hours of sampling
@@ -167,10 +191,11 @@ def _run(parser, a, env, inception) -> int:
     import torch
     from tqdm import tqdm
 
-    from fastrepa.checkpoint import CheckpointError
-    from fastrepa.generation import (assemble_features, assemble_shards, batch_plan, list_shards,
-                                     model_from_checkpoint, rank_batches, read_shard, sample_batch,
-                                     shard_features_id, write_npz, write_pngs, write_shard)
+    from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, weights_name
+    from fastrepa.generation import (ProgressLog, assemble_features, assemble_shards, batch_plan, compile_velocity,
+                                     cudagraph_skips, list_shards, model_from_checkpoint, rank_batches, read_shard,
+                                     sample_batch, shard_features_id, write_npz, write_pngs, write_shard)
+    from fastrepa.kernels import use_triton
     from fastrepa.vae import load_vae
 
     t0 = time.time()
@@ -179,20 +204,28 @@ def _run(parser, a, env, inception) -> int:
         torch.backends.cuda.matmul.allow_tf32 = a.tf32
         torch.backends.cudnn.allow_tf32 = a.tf32
     precision = a.precision if a.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    use_compile = a.compile if a.compile is not None else device.type == "cuda"
+    use_compile = a.compile if a.compile is not None else (a.compile_mode is not None or device.type == "cuda")
+    compile_mode = (a.compile_mode or "default") if use_compile else None
+    try:  # what runs the fused ops here ("auto": Triton on CUDA); "triton" where it cannot run fails now
+        kernels = "triton" if use_triton(a.kernels, torch.empty(0, device=device)) else "torch"
+    except RuntimeError as e:
+        parser.error(f"--kernels: {e}")
     overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
                  "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels,
                  "input_size": a.resolution // 8 if a.resolution else None}
     if a.fused_attn is not None:
         overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
     try:
-        model, args = model_from_checkpoint(a.ckpt, a.weights, overrides)
+        ckpt = load_checkpoint_file(a.ckpt)
+        model, args = model_from_checkpoint(a.ckpt, a.weights, overrides, ckpt=ckpt)
     except CheckpointError as e:
         parser.error(f"--ckpt: {e}")
+    weights = weights_name(ckpt, a.weights)  # "state_dict": a bare state dict (select_weights warned)
+    del ckpt
     model.to(device)
     vae_name = a.vae or args.get("vae") or "ema"
-    try:
-        vae = load_vae(vae_name).to(device)
+    try:  # the SD-VAE decodes under the sampler's precision: bf16 autocast, or fp32 without autocast
+        vae = load_vae(vae_name, decode_dtype=torch.bfloat16 if precision == "bf16" else None).to(device)
     except NotImplementedError as e:
         parser.error(f"--vae: {e}")
     path_type = a.path_type or args.get("path_type") or "linear"
@@ -205,16 +238,21 @@ def _run(parser, a, env, inception) -> int:
     settings = {
         "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt),
         # a checkpoint retrained at the same path is another run: its mtime tells
-        "ckpt_mtime_ns": os.stat(a.ckpt).st_mtime_ns, "weights": a.weights,
+        "ckpt_mtime_ns": os.stat(a.ckpt).st_mtime_ns, "weights": weights,
         "model": model_name, "model_overrides": {k: v for k, v in overrides.items() if v is not None and k != "kernels"},
         "latent_size": size, "vae": vae_name, "latents_scale": latents_scale, "latents_bias": latents_bias,
         "mode": a.mode, "num_steps": a.num_steps, "heun": a.heun, "cfg_scale": a.cfg_scale,
         "guidance_low": a.guidance_low, "guidance_high": a.guidance_high, "path_type": path_type,
         "global_seed": a.global_seed, "num_fid_samples": a.num_fid_samples,
         "per_proc_batch_size": a.per_proc_batch_size, "precision": precision,
+        # what else changes the numbers: the fused-op implementation, the compiled kernels, TF32 (CUDA only)
+        "kernels": kernels, "compile": _compile_numerics(compile_mode),
+        "tf32": a.tf32 if device.type == "cuda" else None,
     }
     if a.mode == "sde":  # shards of earlier versions (one SDE noise stream per batch) are not these samples
         settings["sde_noise"] = "per-sample"
+    if precision == "fp32" and hasattr(vae, "decode_dtype"):  # earlier versions decoded the SD-VAE in bf16 on
+        settings["vae_decode"] = "fp32"                       # CUDA even under fp32: not these samples
     shard_dir = os.path.join(a.sample_dir, "shards")
     problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
     if problem:
@@ -243,9 +281,8 @@ def _run(parser, a, env, inception) -> int:
         def features_of(images):
             return image_features(inception_net, images, a.eval_batch_size)
 
-    velocity = model.velocity
-    if use_compile:
-        velocity = torch.compile(model.velocity)
+    velocity = compile_velocity(model, compile_mode) if use_compile else model.velocity
+    skips0 = cudagraph_skips()
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     plan = batch_plan(a.num_fid_samples, a.per_proc_batch_size)
     done = list_shards(shard_dir)
@@ -254,8 +291,18 @@ def _run(parser, a, env, inception) -> int:
     n_done = sum(e - s for s, e in plan if (s, e) in done)
     if env.is_main and n_done:
         print(f"resuming: {n_done} of {a.num_fid_samples} samples already in {shard_dir}", flush=True)
+    # rank 0 shows the bar even when stderr is not a terminal, and logs a plain line every 10% (nohup, slurm)
     bar = tqdm(total=a.num_fid_samples, initial=n_done, desc=f"sampling ({env.world_size} proc)", unit="img",
-               disable=None if env.is_main else True, dynamic_ncols=True)
+               disable=not env.is_main, dynamic_ncols=True)
+    log = ProgressLog(a.num_fid_samples, n_done)
+
+    def show_progress(done):
+        bar.n = done
+        bar.refresh()
+        line = log.update(done)
+        if line:
+            bar.write(line)
+
     exit_after = int(os.environ.get(TEST_EXIT_AFTER_SHARDS_ENV, "0") or 0)
     written = 0
     t_sample = time.time()
@@ -271,8 +318,7 @@ def _run(parser, a, env, inception) -> int:
         write_shard(shard_dir, start, end, images, feats, features_id)  # images and features: one file
         written += 1
         if env.is_main:  # global progress: count every process's shards on disk
-            bar.n = sum(e - s for s, e in list_shards(shard_dir))
-            bar.refresh()
+            show_progress(sum(e - s for s, e in list_shards(shard_dir)))
         if exit_after and written >= exit_after:
             bar.close()
             print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
@@ -301,8 +347,7 @@ def _run(parser, a, env, inception) -> int:
     sample_seconds = time.time() - t_sample
     env.barrier()
     if env.is_main:
-        bar.n = a.num_fid_samples
-        bar.refresh()
+        show_progress(a.num_fid_samples)
     bar.close()
     if not env.is_main:
         return 0
@@ -317,27 +362,35 @@ def _run(parser, a, env, inception) -> int:
     report = {
         "samples": os.path.abspath(npz_path), "num_samples": int(arr.shape[0]), "image_shape": list(arr.shape[1:]),
         "png_dir": os.path.abspath(png_dir) if a.png else None,
-        "settings": {**settings, "world_size": env.world_size, "device": str(device),
-                     "compile": use_compile, "kernels": a.kernels, "tf32": a.tf32, "stream_features": stream,
+        "settings": {**settings, "world_size": env.world_size, "device": str(device), "compile_mode": compile_mode,
+                     "kernels_flag": a.kernels, "tf32_flag": a.tf32, "stream_features": stream,
+                     "vae_decode": "bf16" if getattr(vae, "decode_autocast_dtype", None) == torch.bfloat16 else "fp32",
                      "torch": torch.__version__},
+        # reduce-overhead: graphs rank 0 ran without CUDA graphs (0 = every graph captured)
+        "cudagraph_skips_rank0": cudagraph_skips() - skips0 if compile_mode == "reduce-overhead" else None,
         "timing": {"sample_seconds_rank0": round(sample_seconds, 3),
                    "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done,
                    "features_added_to_shards_rank0": backfilled},
     }
     print(f"wrote {arr.shape[0]} samples to {npz_path}" + (f" and {png_dir}/" if a.png else ""), flush=True)
     if a.ref is not None:
+        from fastrepa.eval import EvalInputError, ReferenceFile
         from fastrepa.eval.cli import METRIC_KEYS, evaluate
         from fastrepa.eval.cli import main as eval_main
-        if stream:  # the features of the shards, gathered in index order: no image is read again
-            from fastrepa.eval import ReferenceFile
-            ev = evaluate(acts, ReferenceFile(a.ref), inception_net, inception[0], samples=npz_path,
-                          sample_shape=arr.shape[1:], weights_sha256=features_id, batch_size=a.eval_batch_size,
-                          device=str(device), fd_method=a.fd_method,
-                          sample_features=f"computed while sampling by {env.world_size} process(es), read "
-                                          "from the shards")
-        else:
-            ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
-                            str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method])
+        try:
+            if stream:  # the features of the shards, gathered in index order: no image is read again
+                ref = ReferenceFile(a.ref, center_crop=arr.shape[1] if a.ref_center_crop else None)
+                ev = evaluate(acts, ref, inception_net, inception[0], samples=npz_path, sample_shape=arr.shape[1:],
+                              weights_sha256=features_id, batch_size=a.eval_batch_size, device=str(device),
+                              fd_method=a.fd_method, sample_features=f"computed while sampling by "
+                              f"{env.world_size} process(es), read from the shards")
+            else:
+                ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
+                                str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method]
+                               + (["--ref-center-crop"] if a.ref_center_crop else []))
+        except EvalInputError as e:  # e.g. an unreadable image in a --ref folder; the samples are written
+            print(f"error: --ref: {e}", file=sys.stderr, flush=True)
+            return 2
         report["metrics"] = {k: ev[k] for k in METRIC_KEYS}
         report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
     report["timing"]["total_seconds"] = round(time.time() - t0, 3)

@@ -24,10 +24,13 @@ with the same estimate for its own step counts.
 
 Variants (each measured in the same run):
 - eager:                 kernels=torch, no compile;
-- compile:               kernels=torch, torch.compile(model.velocity) as generate.py (default mode, dynamic);
-- cuda-graphs:           kernels=torch, torch.compile(model.velocity, mode="reduce-overhead") (CUDA only);
-- compile+triton:        kernels=triton, torch.compile(model.velocity) (CUDA only);
+- compile:               kernels=torch, torch.compile(model.velocity) as generate.py compiles it
+                         (`fastrepa.generation.compile_velocity`: default mode, static shapes);
+- cuda-graphs:           kernels=torch, the same with mode="reduce-overhead" (CUDA only);
+- compile+triton:        kernels=triton, default mode (CUDA only);
 - triton+cuda-graphs:    kernels=triton, mode="reduce-overhead" (CUDA only).
+A CUDA-graph row records `cudagraph_skips`: the graphs Inductor ran without CUDA graphs (0: all captured;
+more: the row timed compiled code without graphs, and its note says so).
 """
 import contextlib
 import math
@@ -61,7 +64,7 @@ class Variant:
         if not self.compiled:
             return f"kernels={self.kernels}, eager model.velocity"
         mode = "" if self.compile_mode == "default" else f", mode={self.compile_mode!r}"
-        return f"kernels={self.kernels}, torch.compile(model.velocity{mode})"
+        return f"kernels={self.kernels}, torch.compile(model.velocity{mode}, dynamic=False)"
 
 
 VARIANTS = {v.name: v for v in [
@@ -214,7 +217,7 @@ def _free(device):
 
 def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val):
     """One row: both per-step latencies, the estimate, the projection, the validation run."""
-    from fastrepa.generation import sample_batch
+    from fastrepa.generation import compile_velocity, cudagraph_skips, sample_batch
     from fastrepa.sampling import euler_maruyama_sampler
 
     device = ctx.device
@@ -230,10 +233,10 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
     gens = index_generators(0, STREAM_SDE, range(B))  # the SDE noise: one CPU float64 stream per sample, as sample_batch
     if variant.compiled:
         torch._dynamo.reset()
-        mode = None if variant.compile_mode == "default" else variant.compile_mode
-        velocity = torch.compile(model.velocity, mode=mode)
+        velocity = compile_velocity(model, variant.compile_mode)
     else:
         velocity = model.velocity
+    skips0 = cudagraph_skips()
     cfg = PROTOCOL["cfg_scale"]
     # guided: interval [0, 1] covers every grid point; plain: an interval no grid point falls in
     phases = {"plain": dict(guidance_low=2.0, guidance_high=2.0), "cfg": dict(guidance_low=0.0, guidance_high=1.0)}
@@ -279,6 +282,8 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
         row["validate"] = {"what": "one sample_batch of the protocol's interval, no VAE decode", "num_steps": n_val,
                            "guided_steps": vg, "unguided_steps": vu, "measured_s": measured, "estimated_s": est,
                            "measured_over_estimate": measured / est}
+    if variant.compile_mode == "reduce-overhead":
+        row["cudagraph_skips"] = cudagraph_skips() - skips0
     row["status"] = "ok"
     return row
 
@@ -308,6 +313,8 @@ def table_rows(rows):
     for r in rows:
         if r["status"] == "ok":
             note = f"compile {r['first_call_s']:.1f} s" if r["compile"] else ""
+            if r.get("cudagraph_skips"):
+                note += f"; {r['cudagraph_skips']} graph(s) NOT captured as CUDA graphs"
             check = fmt(r["validate"]["measured_over_estimate"], ".2f") if r.get("validate") else ""
         else:
             reason = r["reason"] or ""
@@ -359,7 +366,7 @@ def run(args, ctx):
                    "nfe_per_image": unguided + 2 * guided, "steps_per_call": spc, "repeats": repeats,
                    "warmup": warmup, "estimate": True, "status": None, "reason": None,
                    "step_ms_cfg": None, "step_ms": None, "flops_per_image_forward": None,
-                   "flops_per_image_sample": None}
+                   "flops_per_image_sample": None, "cudagraph_skips": None}
             if reason:
                 row.update(status="skipped", reason=reason)
                 rows.append(row)

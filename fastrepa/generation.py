@@ -10,8 +10,10 @@ dealt round-robin to the processes (`rank_batches`). Each batch is written as on
 makes runs resumable; `assemble_shards` and `assemble_features` read them back in index order.
 """
 import contextlib
+import datetime
 import os
 import re
+import time
 
 import numpy as np
 import torch
@@ -41,10 +43,11 @@ def projector_dims(state_dict: dict) -> tuple[list[int], int | None]:
     return [outs[i] for i in sorted(outs)], hidden
 
 
-def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | None = None):
+def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | None = None, ckpt: dict | None = None):
     """(model in eval mode, checkpoint args as a dict). `overrides` (model option -> value) win over the
-    checkpoint's args; z_dims and projector_dim come from the weights themselves."""
-    ckpt = load_checkpoint_file(path)
+    checkpoint's args; z_dims and projector_dim come from the weights themselves. `ckpt`: the file's
+    contents (`load_checkpoint_file(path)`) when the caller has read them already."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     args = dict(ckpt.get("args") or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.pop("model", None) or args.get("model") or "SiT-XL/2"
@@ -142,6 +145,53 @@ def generate(model, vae, *, num_samples: int, batch_size: int, mode: str = "ode"
         if progress is not None:
             progress.update(end - start)
         yield start, images
+
+
+# ---------------------------------------------------------------- compile and progress
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_velocity(model, mode: str = "default"):
+    """torch.compile(model.velocity, mode=mode, dynamic=False), as generate.py samples with it
+    (reduce-overhead: CUDA graphs). The sampler calls the model at two batch sizes, B outside the
+    guidance interval and 2B inside it (CFG): static shapes give each its own graph (and CUDA graph)
+    instead of a dynamic-shape recompile once the second size is seen."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
+    return torch.compile(model.velocity, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs Inductor has set up without CUDA graphs so far in this process
+    (torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]): under mode="reduce-overhead", a
+    rise means a graph runs uncaptured."""
+    from torch._dynamo.utils import counters
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+class ProgressLog:
+    """Plain progress lines for logs, where a progress bar shows nothing useful (nohup, slurm): `update(done)`
+    gives a line each time `done` crosses another `every` fraction of `total`, and at `total`, e.g.
+    "sampled 300/1000 images (30%), 12.3 img/s, ETA 0:00:57"; None otherwise. The rate counts the images
+    done since the start (`initial`: those already on disk when it began)."""
+
+    def __init__(self, total: int, initial: int = 0, every: float = 0.1, label: str = "sampled", clock=time.monotonic):
+        self.total, self.initial, self.every, self.label, self.clock = total, initial, every, label, clock
+        self.t0, self._last = clock(), self._step(initial)
+
+    def _step(self, done: int) -> float:
+        return float("inf") if done >= self.total else int(done / self.total / self.every)
+
+    def update(self, done: int) -> str | None:
+        step = self._step(done)
+        if step <= self._last:
+            return None
+        self._last = step
+        rate = (done - self.initial) / max(self.clock() - self.t0, 1e-9)
+        eta = datetime.timedelta(seconds=round((self.total - done) / rate)) if rate > 0 else "?"
+        return (f"{self.label} {done}/{self.total} images ({100 * done // self.total}%), {rate:.3g} img/s, "
+                f"ETA {eta}")
 
 
 # ---------------------------------------------------------------- resumable shards

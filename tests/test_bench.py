@@ -185,6 +185,8 @@ def test_quick_sample_suite_rows(sample_run):
         assert (v["num_steps"], v["guided_steps"], v["unguided_steps"]) == (3, 2, 1) and v["measured_s"] > 0
         assert v["estimated_s"] == pytest.approx((2 * r["step_ms_cfg"] + r["step_ms"]) / 1e3)
     assert rows["compile"]["compile"] == "default" and rows["compile"]["first_call_s"] > 0
+    assert "dynamic=False" in rows["compile"]["impl"]  # as generate.py compiles (compile_velocity)
+    assert all(r["cudagraph_skips"] is None for r in rows.values())  # only a timed CUDA-graph row counts them
     assert rows["compile"]["speedup_vs_eager"] == pytest.approx(
         rows["compile"]["images_per_s_estimate"] / rows["eager"]["images_per_s_estimate"])
     for name in CUDA_ONLY_VARIANTS:
@@ -229,3 +231,24 @@ def test_sample_protocol_counts_and_projection():
     assert ss.projection_50k(10.0, 256) == {"1": 196 * 10.0, "8": 25 * 10.0}  # 50000/256 -> 196 batches
     with pytest.raises(common.BenchUsageError, match="unknown variant"):
         ss._parse_variants("eager,warp-drive")
+
+
+def test_cudagraph_skips_count_graphs_run_without_cuda_graphs():
+    """The counter a cuda-graphs row reports: here on the CPU, where nothing can be captured, each static-shape
+    graph of compile_velocity (one for B, one for the CFG-doubled 2B) is one skip."""
+    from torch._dynamo.utils import counters
+
+    from fastrepa.generation import compile_velocity, cudagraph_skips
+
+    class Scale(torch.nn.Module):
+        def velocity(self, x, t, y):
+            return x * t[:, None, None, None] + y[:, None, None, None]
+
+    torch._dynamo.reset()
+    velocity = compile_velocity(Scale(), "reduce-overhead")
+    before, graphs = cudagraph_skips(), counters["stats"]["unique_graphs"]
+    for b in (2, 4, 2):
+        x, t, y = torch.ones(b, 1, 2, 2), torch.full((b,), 0.5), torch.arange(b)
+        torch.testing.assert_close(velocity(x, t, y), x * 0.5 + torch.arange(b).view(b, 1, 1, 1).float())
+    assert cudagraph_skips() - before == 2 and counters["stats"]["unique_graphs"] - graphs == 2  # static shapes
+    torch._dynamo.reset()

@@ -16,8 +16,8 @@ import generate as generate_cli
 from conftest import TINY, tiny_model
 from fastrepa.eval.cli import METRIC_KEYS
 from fastrepa.eval.cli import main as eval_main
-from fastrepa.generation import (assemble_features, batch_plan, list_shards, noise_and_labels, rank_batches,
-                                 read_shard, shard_features_id, write_shard)
+from fastrepa.generation import (ProgressLog, assemble_features, batch_plan, list_shards, noise_and_labels,
+                                 rank_batches, read_shard, shard_features_id, write_shard)
 from fastrepa.train.rng import step_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,3 +344,135 @@ def test_shard_features_round_trip_in_index_order(tmp_path):
         write_shard(str(tmp_path), 2, 4, np.zeros((2, 4, 4, 3), np.uint8), _features(3, 0), "sha-a")
     with pytest.raises(ValueError, match="features_id"):
         write_shard(str(tmp_path), 2, 4, np.zeros((2, 4, 4, 3), np.uint8), _features(2, 0))
+
+
+def test_progress_is_logged_when_output_is_not_a_terminal(ckpt, tmp_path, capsys):
+    """Under nohup / slurm (captured output here) rank 0 shows the bar anyway and logs plain lines: each 10%
+    crossed (every shard of 3 or 1 images here) and the end."""
+    assert generate_cli.main(common(ckpt, tmp_path / "p")) == 0
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln.startswith("sampled ")]
+    assert [ln.split(",")[0] for ln in lines] == ["sampled 3/7 images (42%)", "sampled 6/7 images (85%)",
+                                                  "sampled 7/7 images (100%)"]
+    assert all(" img/s, ETA " in ln for ln in lines) and lines[-1].endswith("ETA 0:00:00")
+    assert "sampling (1 proc)" in err and "7/7" in err  # the tqdm bar, on stderr
+
+
+def test_progress_log_lines():
+    now = [0.0]
+    log = ProgressLog(1000, initial=200, every=0.25, clock=lambda: now[0])
+    now[0] = 10.0
+    assert log.update(240) is None  # 24%: still in the first quarter (the 200 resumed ones count there)
+    assert log.update(300) == "sampled 300/1000 images (30%), 10 img/s, ETA 0:01:10"  # 100 new in 10 s
+    assert log.update(400) is None  # the same quarter
+    now[0] = 20.0
+    assert log.update(900) == "sampled 900/1000 images (90%), 35 img/s, ETA 0:00:03"  # jumped two quarters
+    assert log.update(1000) == "sampled 1000/1000 images (100%), 40 img/s, ETA 0:00:00"
+    assert log.update(1000) is None
+
+
+@pytest.fixture(scope="module")
+def sd_vae(tmp_path_factory):
+    """A tiny random SD-VAE folder (4 latent channels, downsampling 2)."""
+    pytest.importorskip("diffusers")
+    from conftest import make_tiny_vae
+    path = str(tmp_path_factory.mktemp("sd-vae"))
+    make_tiny_vae(path)
+    return path
+
+
+def test_bare_state_dict_is_sampled_with_a_warning_and_recorded(tmp_path, sd_vae):
+    """A .pt holding only a state dict (no 'ema' / 'model', no args): sampled as it is, with a warning, and
+    generate.json says "state_dict", not "ema"; the images are those of the same tensors in a checkpoint."""
+    from fastrepa.models import build_model
+    torch.manual_seed(1)
+    model = build_model("SiT-S/2", input_size=4, num_classes=10, encoder_depth=2, z_dims=[16], projector_dim=32)
+    sd = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}  # every layer carries signal
+    torch.save(sd, tmp_path / "bare.pt")
+    torch.save({"ema": sd, "model": {k: 0 * v for k, v in sd.items()}, "args": {}}, tmp_path / "full.pt")
+    flags = ["--model", "SiT-S/2", "--num-classes", "10", "--encoder-depth", "2", "--resolution", "32", "--vae",
+             sd_vae, "--num-fid-samples", "3", "--per-proc-batch-size", "3", "--num-steps", "2"]
+    with pytest.warns(UserWarning, match=r"bare\.pt is a bare state dict.*whatever --weights says, here 'ema'"):
+        assert generate_cli.main(["--ckpt", str(tmp_path / "bare.pt"), "--sample-dir", str(tmp_path / "b"),
+                                  *flags]) == 0
+    arr, rep = final(tmp_path / "b")
+    assert rep["settings"]["weights"] == "state_dict" and arr.shape == (3, 8, 8, 3)
+    assert generate_cli.main(["--ckpt", str(tmp_path / "full.pt"), "--sample-dir", str(tmp_path / "f"), *flags]) == 0
+    full, rep = final(tmp_path / "f")
+    assert rep["settings"]["weights"] == "ema"
+    np.testing.assert_array_equal(arr, full)
+    assert len(np.unique(arr.reshape(3, -1), axis=0)) == 3
+
+
+def test_compile_mode_reaches_torch_compile_and_resume_settings(ckpt, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_compile(fn, **kw):  # records the call; runs eagerly (compiling on this CPU is for bench/)
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "c"
+    assert generate_cli.main(common(ckpt, out, "--compile-mode", "reduce-overhead")) == 0
+    assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
+    s = final(out)[1]["settings"]
+    assert (s["compile"], s["compile_mode"], s["kernels"], s["kernels_flag"], s["tf32"]) == \
+        ("default", "reduce-overhead", "torch", "auto", None)  # CPU: the reference ops, no TF32
+    assert final(out)[1]["cudagraph_skips_rank0"] == 0
+    # default mode compiles the same kernels (no CUDA graphs): the shards are reused
+    assert generate_cli.main(common(ckpt, out, "--compile")) == 0 and calls[-1] == {"mode": None, "dynamic": False}
+    assert final(out)[1]["timing"]["new_samples"] == 0
+    capsys.readouterr()
+    for flags, diff in ((["--compile-mode", "max-autotune"], "compile: 'default' there, 'max-autotune' now"),
+                        (["--no-compile"], "compile: 'default' there, None now"),
+                        (["--kernels", "triton"], "kernels: 'torch' there, 'triton' now")):
+        with pytest.raises(SystemExit):
+            generate_cli.main(common(ckpt, out, *flags))
+        assert diff in capsys.readouterr().err, flags
+    # a settings.json of an earlier version, without these keys, is resumed
+    path = out / "shards" / "settings.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items() if k not in generate_cli.LATER_KEYS}
+    path.write_text(json.dumps(old))
+    assert generate_cli.main(common(ckpt, out, "--no-compile")) == 0
+    assert final(out)[1]["timing"]["new_samples"] == 0 and json.loads(path.read_text())["compile"] is None
+    with pytest.raises(SystemExit):
+        generate_cli.main(common(ckpt, tmp_path / "x", "--no-compile", "--compile-mode", "default"))
+    assert "--compile-mode default needs compiling" in capsys.readouterr().err
+
+
+def test_vae_decode_follows_precision(tmp_path, monkeypatch, sd_vae):
+    """--precision fp32 decodes the SD-VAE without autocast (bf16 only with --precision bf16, on CUDA)."""
+    import fastrepa.vae
+    args = {**{k: v for k, v in TINY.items() if k != "z_dims"}, "model": "SiT-S/2", "vae": sd_vae}
+    torch.save({"ema": tiny_model().state_dict(), "args": args}, tmp_path / "sd.pt")
+    loaded = []
+    real_load = fastrepa.vae.load_vae
+    monkeypatch.setattr(fastrepa.vae, "load_vae", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    base = ["--ckpt", tmp_path / "sd.pt", "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-steps", "1"]
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        out = tmp_path / precision
+        assert generate_cli.main([*map(str, base), "--sample-dir", str(out), "--precision", precision]) == 0
+        assert loaded[-1].decode_dtype == dtype
+        arr, rep = final(out)
+        assert arr.shape == (2, 16, 16, 3) and rep["settings"]["vae_decode"] == "fp32"  # the CPU decodes in fp32
+        assert json.loads((out / "shards" / "settings.json").read_text()).get("vae_decode") == (
+            "fp32" if precision == "fp32" else None)
+
+
+def test_resume_with_another_process_count(ckpt, tmp_path, reference_run):
+    """Two processes write some shards and are killed; one process resumes: the uninterrupted run's samples."""
+    out = tmp_path / "two-then-one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", os.path.join(ROOT, "generate.py"), *common(ckpt, out),
+           "--dist-timeout", "120"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           generate_cli.TEST_EXIT_AFTER_SHARDS_ENV: "1",
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout[-3000:] + r.stderr[-3000:]
+    left = sorted(list_shards(out / "shards"))  # each process stops after its first shard; torchrun may stop the
+    assert 1 <= len(left) <= 2 and set(left) <= set(batch_plan(N, B)), left  # other before it writes one
+    assert generate_cli.main(common(ckpt, out)) == 0
+    arr, rep = final(out)
+    assert rep["settings"]["world_size"] == 1 and rep["timing"]["resumed_samples"] == sum(e - s for s, e in left)
+    np.testing.assert_array_equal(arr, reference_run[0])
