@@ -193,6 +193,39 @@ def test_one_rank_dying_does_not_hang_the_other(tmp_path, data16):  # noqa: F811
     assert r.returncode != 0
 
 
+HUNG_RANK = """
+import os, sys, time
+import torch
+import torch.distributed as dist
+from fastrepa.distributed import setup
+env = setup(timeout_s=float(sys.argv[1]))
+if env.rank == 1:
+    time.sleep(120)  # hung: never joins the collective
+t0 = time.time()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as e:  # the collective gives up instead of waiting forever
+    print(f"rank 0 gave up after {time.time() - t0:.1f} s: {type(e).__name__}", flush=True)
+    os._exit(7)
+"""
+
+
+def test_a_hung_rank_does_not_hold_the_others_past_the_timeout(tmp_path):
+    """--dist-timeout reaches the process group: rank 0 waiting on a rank that hangs gives up after the
+    timeout, fails, and torchrun ends the job (instead of both waiting forever)."""
+    import time
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={free_port()}", str(script), "3"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode != 0 and "rank 0 gave up after" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+    waited = float(r.stdout.split("gave up after ")[1].split(" s")[0])
+    assert 2.5 <= waited < 30 and time.time() - t0 < 90
+
+
 def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noqa: F811
     # rank 0 alone gets the signal during step 2; both ranks agree, finish it, checkpoint, exit 0
     r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), env_extra={TEST_SIGNAL_ENV: "1"}))
