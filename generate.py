@@ -19,6 +19,7 @@ import time
 
 
 def build_parser():
+    from fastrepa.eval.inception import PREPROCESS_MODES
     from fastrepa.generation import COMPILE_MODES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint .pt in the official REPA layout")
@@ -71,6 +72,9 @@ def build_parser():
                    help="with a --ref folder: ADM center crop its images to the samples' resolution")
     p.add_argument("--inception", default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    p.add_argument("--inception-preprocess", choices=PREPROCESS_MODES, default=None,
+                   help=f"Inception resize and normalisation: tf (ADM's TF evaluator) or pytorch-fid (default: "
+                        f"{PREPROCESS_MODES[0]}; see python -m fastrepa.eval --help)")
     p.add_argument("--eval-batch-size", type=int, default=100)
     p.add_argument("--fd-method", choices=("sqrtm", "eigh"), default="sqrtm",
                    help="Frechet distance matrix square root (see python -m fastrepa.eval --help)")
@@ -169,15 +173,16 @@ def main(argv=None) -> int:
 
     inception = None
     if a.ref is not None:  # check the metric inputs now, not after hours of sampling
-        from fastrepa.eval import EvalInputError, ReferenceFile, find_weights, load_inception
+        from fastrepa.eval import PREPROCESS_MODES, EvalInputError, ReferenceFile, find_weights, load_inception
         try:
             ReferenceFile(a.ref)
             weights = str(find_weights(a.inception))
-            inception = (weights, load_inception(weights))  # a wrong or damaged weights file fails here
+            preprocess = a.inception_preprocess or PREPROCESS_MODES[0]
+            inception = (weights, load_inception(weights, preprocess=preprocess))  # a damaged file fails here
         except (EvalInputError, FileNotFoundError, RuntimeError) as e:
             parser.error(f"--ref/--inception: {e}")
-    elif a.inception is not None:
-        parser.error("--inception is used with --ref only")
+    elif a.inception is not None or a.inception_preprocess is not None:
+        parser.error("--inception and --inception-preprocess are used with --ref only")
 
     from fastrepa import distributed
     env = distributed.setup(timeout_s=a.dist_timeout)
@@ -270,13 +275,15 @@ def _run(parser, a, env, inception) -> int:
         _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
     env.barrier()
 
-    # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256,
-    # so features of other weights are recomputed, never mixed in.
-    stream, features_id = inception is not None and a.stream_features, None
+    # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256 and
+    # the preprocessing (fastrepa.eval.features_id), so features of others are recomputed, never mixed in.
+    stream, features_id, weights_sha = inception is not None and a.stream_features, None, None
     if stream:
+        from fastrepa.eval import features_id as features_id_of
         from fastrepa.eval import file_sha256, image_features
-        features_id = file_sha256(inception[0])
         inception_net = inception[1].to(device)
+        weights_sha = file_sha256(inception[0])
+        features_id = features_id_of(weights_sha, inception_net.preprocess_mode)
 
         def features_of(images):
             return image_features(inception_net, images, a.eval_batch_size)
@@ -323,8 +330,8 @@ def _run(parser, a, env, inception) -> int:
             bar.close()
             print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
             sys.exit(TEST_EXIT_CODE)
-    # Shards made by an earlier run without --png or --ref (or with other Inception weights): add what
-    # is missing from the images on disk; features are added by rewriting the shard atomically.
+    # Shards made by an earlier run without --png or --ref (or with another Inception or preprocessing): add
+    # what is missing from the images on disk; features are added by rewriting the shard atomically.
     backfilled = 0
     for start, end in mine:
         if (start, end) not in done:
@@ -364,6 +371,7 @@ def _run(parser, a, env, inception) -> int:
         "png_dir": os.path.abspath(png_dir) if a.png else None,
         "settings": {**settings, "world_size": env.world_size, "device": str(device), "compile_mode": compile_mode,
                      "kernels_flag": a.kernels, "tf32_flag": a.tf32, "stream_features": stream,
+                     "inception_preprocess": inception[1].preprocess_mode if inception else None,
                      "vae_decode": "bf16" if getattr(vae, "decode_autocast_dtype", None) == torch.bfloat16 else "fp32",
                      "torch": torch.__version__},
         # reduce-overhead: graphs rank 0 ran without CUDA graphs (0 = every graph captured)
@@ -381,12 +389,13 @@ def _run(parser, a, env, inception) -> int:
             if stream:  # the features of the shards, gathered in index order: no image is read again
                 ref = ReferenceFile(a.ref, center_crop=arr.shape[1] if a.ref_center_crop else None)
                 ev = evaluate(acts, ref, inception_net, inception[0], samples=npz_path, sample_shape=arr.shape[1:],
-                              weights_sha256=features_id, batch_size=a.eval_batch_size, device=str(device),
+                              weights_sha256=weights_sha, batch_size=a.eval_batch_size, device=str(device),
                               fd_method=a.fd_method, sample_features=f"computed while sampling by "
                               f"{env.world_size} process(es), read from the shards")
             else:
                 ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
-                                str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method]
+                                str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method,
+                                "--inception-preprocess", inception[1].preprocess_mode]
                                + (["--ref-center-crop"] if a.ref_center_crop else []))
         except EvalInputError as e:  # e.g. an unreadable image in a --ref folder; the samples are written
             print(f"error: --ref: {e}", file=sys.stderr, flush=True)

@@ -203,7 +203,7 @@ def shard_path(folder: str, start: int, end: int) -> str:
     return os.path.join(folder, f"shard-{start:07d}-{end:07d}.npz")
 
 
-FEATURES_ID_KEY = "features_id"  # which Inception made a shard's features (its weights' sha256)
+FEATURES_ID_KEY = "features_id"  # which Inception made a shard's features (fastrepa.eval.features_id)
 
 
 def write_shard(folder: str, start: int, end: int, images, features: dict | None = None,
@@ -220,7 +220,7 @@ def write_shard(folder: str, start: int, end: int, images, features: dict | None
     if features is not None:
         from fastrepa.eval.features import check_features
         if not features_id:
-            raise ValueError(f"shard [{start}, {end}): features need a features_id (the Inception's sha256)")
+            raise ValueError(f"shard [{start}, {end}): features need a features_id (fastrepa.eval.features_id)")
         arrays.update(check_features(features, end - start, f"shard [{start}, {end})"))
         arrays[FEATURES_ID_KEY] = np.array(str(features_id))
     os.makedirs(folder, exist_ok=True)
@@ -290,6 +290,7 @@ def assemble_features(folder: str, plan, features_id: str):
     in index order (the rows of the assembled .npz, nothing past N): what `compute_activations` of that
     .npz gives, without reading an image. Every shard must carry features made by `features_id`."""
     from fastrepa.eval.features import FEATURE_KEYS, FeatureAccumulator, check_features
+    from fastrepa.eval.inception import short_features_id
 
     have = list_shards(folder)
     acc = FeatureAccumulator()
@@ -304,8 +305,8 @@ def assemble_features(folder: str, plan, features_id: str):
         except Exception as e:  # noqa: BLE001 - name the file
             raise _bad_shard(path, f"cannot read it: {e}") from None
         if feats is None:
-            has = "none" if got is None else f"those of {got[:12]}"
-            raise _bad_shard(path, f"no Inception features of {features_id[:12]} (it has {has})")
+            has = "none" if got is None else f"those of {short_features_id(got)}"
+            raise _bad_shard(path, f"no Inception features of {short_features_id(features_id)} (it has {has})")
         try:
             feats = check_features(feats, end - start, "stored features")
         except ValueError as e:

@@ -16,7 +16,7 @@ from fastrepa.eval import (EvalInputError, FeatureAccumulator, FIDInceptionV3, N
                            precision_recall)
 from fastrepa.eval.cli import METRIC_KEYS, cli
 from fastrepa.eval.cli import main as eval_main
-from fastrepa.eval.inception import FID_WEIGHTS_URL
+from fastrepa.eval.inception import FID_WEIGHTS_URL, features_id, file_sha256, tf_legacy_resize_bilinear
 
 # ---------------------------------------------------------------- Fréchet distance
 
@@ -274,6 +274,82 @@ def test_missing_weights_error(tmp_path):
     assert str(tmp_path / "nope.pth") in str(e.value) and FID_WEIGHTS_URL in str(e.value)
 
 
+# ---------------------------------------------------------------- preprocessing (ADM's TF way, pytorch-fid's)
+
+
+def _tf_legacy_resize_loops(img, out_h, out_w):
+    """TF1 ResizeBilinear (align_corners=False, half_pixel_centers=False) by its formula, one output pixel
+    at a time in float32 scalars: the oracle of the vectorised version."""
+    f32 = np.float32
+    in_h, in_w = img.shape
+
+    def tap(o, n_in, n_out):
+        src = f32(o) * (f32(n_in) / f32(n_out))
+        lo = int(np.floor(src))
+        return lo, min(lo + 1, n_in - 1), f32(src - f32(lo))
+
+    out = np.empty((out_h, out_w), f32)
+    for oy in range(out_h):
+        y0, y1, yl = tap(oy, in_h, out_h)
+        for ox in range(out_w):
+            x0, x1, xl = tap(ox, in_w, out_w)
+            top = img[y0, x0] + (img[y0, x1] - img[y0, x0]) * xl
+            bottom = img[y1, x0] + (img[y1, x1] - img[y1, x0]) * xl
+            out[oy, ox] = top + (bottom - top) * yl
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 11, 9), (1, 256, 1, 299), (256, 2, 299, 3), (9, 8, 4, 3)])
+def test_tf_legacy_resize_matches_the_formula(shape):
+    in_h, in_w, out_h, out_w = shape
+    x = torch.from_numpy(np.random.default_rng(in_h * in_w).uniform(0, 255, (2, 3, in_h, in_w)).astype(np.float32))
+    got = tf_legacy_resize_bilinear(x, (out_h, out_w))  # batched NCHW, every channel on its own
+    assert got.shape == (2, 3, out_h, out_w) and got.dtype == torch.float32
+    for n in range(2):
+        for c in range(3):
+            want = _tf_legacy_resize_loops(x[n, c].numpy(), out_h, out_w)
+            np.testing.assert_allclose(got[n, c].numpy(), want, rtol=1e-6, atol=1e-4)
+
+
+def test_tf_legacy_resize_by_hand_and_identity():
+    # in = 0, 0.5, 1.0, 1.5: the last two clamp to the last pixel (no half-pixel centres)
+    assert tf_legacy_resize_bilinear(torch.tensor([[[0.0, 10.0]]]), (1, 4)).tolist() == [[[0, 5, 10, 10]]]
+    x = torch.randint(0, 256, (2, 3, 6, 5), dtype=torch.uint8)
+    same = tf_legacy_resize_bilinear(x, (6, 5))
+    assert same.dtype == torch.float32 and torch.equal(same, x.float())
+    # not PyTorch's half-pixel bilinear: that one gives 0, 2.5, 7.5, 10
+    half = torch.nn.functional.interpolate(torch.tensor([[[[0.0, 10.0]]]]), size=(1, 4), mode="bilinear",
+                                           align_corners=False)
+    assert half.flatten().tolist() == [0, 2.5, 7.5, 10]
+
+
+def test_preprocess_modes_normalise_as_their_sources():
+    tf, pt = FIDInceptionV3(), FIDInceptionV3(preprocess="pytorch-fid")
+    assert tf.preprocess_mode == "tf"  # the default: ADM's
+    for hw in (299, 20):  # at the network size and resized: constants stay constants
+        for value, want_tf, want_pt in ((128, 0.0, 128 / 127.5 - 1), (0, -1.0, -1.0), (255, 127 / 128, 1.0)):
+            img = torch.full((1, hw, hw, 3), value, dtype=torch.uint8)
+            got_tf, got_pt = tf.preprocess(img), pt.preprocess(img)
+            assert got_tf.shape == got_pt.shape == (1, 3, 299, 299)
+            assert torch.equal(got_tf, torch.full_like(got_tf, want_tf)), (hw, value)
+            torch.testing.assert_close(got_pt, torch.full_like(got_pt, want_pt), rtol=0, atol=1e-6)
+    img = torch.randint(0, 256, (2, 17, 13, 3), dtype=torch.uint8)
+    want = (tf_legacy_resize_bilinear(img.permute(0, 3, 1, 2).float(), (299, 299)) - 128) / 128
+    torch.testing.assert_close(tf.preprocess(img), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"one of \('tf', 'pytorch-fid'\), got 'adm'"):
+        FIDInceptionV3(preprocess="adm")
+
+
+def test_preprocess_modes_give_different_features_and_ids(inception, inception_file):
+    pt = load_inception(inception_file, preprocess="pytorch-fid")
+    imgs = torch.from_numpy(np.random.default_rng(11).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8))
+    a, b = extract_features(inception, imgs), extract_features(pt, imgs)
+    assert (a.pool - b.pool).abs().max() > 1e-3 * a.pool.abs().max()
+    sha = file_sha256(inception_file)
+    # pytorch-fid keeps the bare sha256 (what earlier versions tagged their features with); tf does not
+    assert features_id(sha, "pytorch-fid") == sha and features_id(sha, "tf") == sha + "+tf"
+
+
 # ---------------------------------------------------------------- npz readers and the CLI
 
 
@@ -362,6 +438,40 @@ def test_cli_end_to_end(inception_file, tmp_path, capsys):
                       str(inception_file), "--fd-method", "eigh"], quiet=True)
     assert rep4["fid"] > 1e-2  # different images are measurably apart
     print("fid same/other:", rep["fid"], rep4["fid"], "sfid:", rep["sfid"], rep4["sfid"])
+
+
+def test_preprocess_modes_never_share_caches_or_stored_features(inception, inception_file, tmp_path):
+    """Reference statistics cached, and pool features stored by make-ref, under one preprocessing are not
+    used under the other: each mode has its own cache (pytorch-fid's under the bare sha256, the name of
+    earlier versions), and make-ref's features carry the mode."""
+    np.savez(tmp_path / "ref.npz", arr_0=_images(5, 3))
+    ref, sha = ReferenceFile(tmp_path / "ref.npz"), file_sha256(inception_file)
+    nets = {"tf": inception, "pytorch-fid": load_inception(inception_file, preprocess="pytorch-fid")}
+    stats = {}
+    for mode in ("tf", "pytorch-fid", "tf", "pytorch-fid"):
+        got = ref.stats(nets[mode], features_id(sha, mode), batch_size=5)
+        cache = tmp_path / f"ref.npz.{sha[:12]}{'+tf' if mode == 'tf' else ''}.fastrepa-stats.npz"
+        assert got.source == ("computed" if mode not in stats else f"cache:{cache}"), (mode, got.source)
+        stats.setdefault(mode, got)
+        np.testing.assert_array_equal(got.pool, stats[mode].pool)
+    assert len(list(tmp_path.glob("ref.npz.*.fastrepa-stats.npz"))) == 2
+    assert np.abs(stats["tf"].mu - stats["pytorch-fid"].mu).max() > 1e-3 * np.abs(stats["tf"].mu).max()
+
+    # the CLI: the flag picks the cache, and the report says which preprocessing it used
+    np.savez(tmp_path / "samples.npz", arr_0=_images(4, 0))
+    base = [str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception", str(inception_file),
+            "--fd-method", "eigh"]
+    rep = eval_main([*base, "--inception-preprocess", "pytorch-fid"], quiet=True)
+    assert rep["settings"]["inception_preprocess"] == "pytorch-fid" and rep["settings"]["inception_sha256"] == sha
+    assert rep["settings"]["reference_stats_source"].endswith(f"{sha[:12]}.fastrepa-stats.npz")
+    made = tmp_path / "made.npz"  # the default (tf): its pool features are named sha256+tf
+    out = eval_main(["make-ref", str(tmp_path / "ref.npz"), "--out", str(made), "--inception", str(inception_file)],
+                    quiet=True)
+    assert out["inception_preprocess"] == "tf" and str(np.load(made)["inception_sha256"]) == sha + "+tf"
+    for mode, usable in (("tf", True), ("pytorch-fid", False)):
+        got = ReferenceFile(made).stats(None, features_id(sha, mode))
+        assert (got.pool is not None) == usable, mode
+    assert any("+tf" in n and "not these" in n for n in got.notes)
 
 
 def test_cli_bad_inputs_fail_before_loading_weights(tmp_path):

@@ -152,9 +152,10 @@ def test_streamed_metrics_equal_scoring_the_npz(reference_run, scoring):
                     "--batch-size", "4", "--device", "cpu"], quiet=True)
     assert_same_metrics(rep["metrics"], {k: ev[k] for k in METRIC_KEYS})
     assert rep["metrics"]["fid"] > 1e-3  # samples and reference differ: a real comparison, not 0 == 0
-    # every shard holds its images and their features, made by these weights
-    from fastrepa.eval import file_sha256
-    sha = file_sha256(inc)
+    # every shard holds its images and their features, made by these weights and ADM's (tf) preprocessing
+    from fastrepa.eval import features_id, file_sha256
+    sha = features_id(file_sha256(inc), "tf")
+    assert rep["settings"]["inception_preprocess"] == "tf" == rep["eval"]["settings"]["inception_preprocess"]
     shards = list_shards(out / "shards")
     assert sorted(shards) == batch_plan(N, B) and all(shard_features_id(p) == sha for p in shards.values())
     acts = assemble_features(str(out / "shards"), batch_plan(N, B), sha)
@@ -182,9 +183,26 @@ def test_no_stream_features_scores_the_npz(ckpt, reference_run, scoring, tmp_pat
     _, rep = final(out)
     assert argv[0] == rep["samples"] and argv[argv.index("--ref") + 1] == str(ref)
     assert argv[argv.index("--inception") + 1] == str(inc) and argv[argv.index("--fd-method") + 1] == "eigh"
-    assert argv[argv.index("--batch-size") + 1] == "4"
+    assert argv[argv.index("--batch-size") + 1] == "4" and argv[argv.index("--inception-preprocess") + 1] == "tf"
     assert rep["settings"]["stream_features"] is False and rep["metrics"]["fid"] == 1.0
     assert rep["timing"]["new_samples"] == 0 and rep["timing"]["features_added_to_shards_rank0"] == 0
+
+
+def test_other_preprocessing_recomputes_the_shards_features(ckpt, reference_run, scoring, tmp_path):
+    """Features streamed under one Inception preprocessing are never scored under the other: a rerun with
+    --inception-preprocess pytorch-fid samples nothing, recomputes every shard's features and retags them."""
+    import shutil
+
+    from fastrepa.eval import file_sha256
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run[2], out)
+    assert generate_cli.main(common(ckpt, out, *scoring, "--inception-preprocess", "pytorch-fid")) == 0
+    _, rep = final(out)
+    assert rep["settings"]["inception_preprocess"] == "pytorch-fid" and rep["timing"]["new_samples"] == 0
+    assert rep["timing"]["features_added_to_shards_rank0"] == len(batch_plan(N, B))
+    sha = file_sha256(scoring[3])  # pytorch-fid: the bare sha256, as earlier versions tagged their shards
+    assert all(shard_features_id(p) == sha for p in list_shards(out / "shards").values())
+    assert rep["metrics"]["fid"] != pytest.approx(reference_run[1]["metrics"]["fid"], rel=1e-6)
 
 
 def test_initial_noise_and_labels_come_from_per_index_streams():
@@ -273,6 +291,9 @@ def test_bad_input(ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit):
             generate_cli.main(["--ckpt", ckpt, "--num-fid-samples", bad])
         assert "--num-fid-samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--ckpt", ckpt, "--inception-preprocess", "tf"])
+    assert "--inception-preprocess are used with --ref only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         generate_cli.main(["--ckpt", ckpt, "--per-proc-batch-size", "0"])
     assert "--per-proc-batch-size" in capsys.readouterr().err

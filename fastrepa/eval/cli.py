@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .features import Activations, compute_activations
-from .inception import file_sha256, find_weights, load_inception
+from .inception import PREPROCESS_MODES, features_id, file_sha256, find_weights, load_inception
 from .metrics import frechet_distance, inception_score, precision_recall
 from .reference import POOL_KEY, POOL_SHA_KEY, STAT_KEYS, EvalInputError, NpzImages, ReferenceFile, ReferenceStats
 
@@ -37,6 +37,9 @@ METRIC_KEYS = ("fid", "sfid", "inception_score", "precision", "recall")
 def _common_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None,
                    help="path of pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
+    p.add_argument("--inception-preprocess", choices=PREPROCESS_MODES, default=PREPROCESS_MODES[0],
+                   help="resize to 299 and normalise as ADM's TF evaluator (tf: TF1 legacy bilinear, "
+                        "(x - 128) / 128; default) or as pytorch-fid (half-pixel bilinear, x / 127.5 - 1)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-cache", action="store_true",
@@ -151,8 +154,9 @@ def evaluate(acts: Activations, ref: ReferenceFile, model, weights, *, samples, 
     t0 = time.time() if t0 is None else t0
     _check_num_samples(acts.n, samples)
     sha = weights_sha256 or file_sha256(weights)
+    preprocess = model.preprocess_mode
     ref_n = len(ref.images) if ref.images is not None else 0
-    ref_stats = ref.stats(model, sha, batch_size, use_cache=use_cache,
+    ref_stats = ref.stats(model, features_id(sha, preprocess), batch_size, use_cache=use_cache,
                           progress=_progress("reference", ref_n, quiet))
     metrics = score(acts, ref_stats, fd_method=fd_method, device=device)
     notes = metrics.pop("notes")
@@ -164,9 +168,10 @@ def evaluate(acts: Activations, ref: ReferenceFile, model, weights, *, samples, 
             "reference": str(Path(ref.path).resolve()), "num_reference_images": ref_stats.num_images,
             "reference_stats_source": ref_stats.source,
             "inception_weights": str(Path(weights).resolve()), "inception_sha256": sha,
-            "batch_size": batch_size, "device": device, "fd_method": fd_method,
+            "inception_preprocess": preprocess, "batch_size": batch_size, "device": device, "fd_method": fd_method,
             "is_split_size": IS_SPLIT_SIZE, "pr_neighbours": PR_NEIGHBOURS,
-            "network": "pytorch-fid FID Inception-v3 port (not ADM's TF graph; close, not bit-exact)",
+            "network": "pytorch-fid FID Inception-v3 port (not ADM's TF graph: float32 round-off apart; "
+                       f"{preprocess} preprocessing)",
             "torch": torch.__version__, "seconds": round(time.time() - t0, 2),
         },
         "notes": notes,
@@ -197,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
     weights = find_weights(args.inception)
     t0 = time.time()
     sha = file_sha256(weights)
-    model = load_inception(weights, device=device)
+    model = load_inception(weights, device=device, preprocess=args.inception_preprocess)
 
     acts = compute_activations(model, samples.iter_batches(args.batch_size),
                                _progress("samples", len(samples), quiet))
@@ -213,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
 
 def make_ref(argv: Sequence[str], quiet: bool = False) -> dict:
     """``make-ref REF --out OUT.npz``: the statistics and pool features of REF's images, written as an
-    ADM-format reference .npz (no arr_0); returns {out, num_images, inception_sha256, source}."""
+    ADM-format reference .npz (no arr_0; its inception_sha256 holds the features id: the weights' sha256
+    and the preprocessing); returns {out, num_images, inception_sha256, inception_preprocess, source}."""
     args = build_make_ref_parser().parse_args(argv)
     device = _device(args)
     ref = ReferenceFile(args.ref, center_crop=args.center_crop)
@@ -221,14 +227,16 @@ def make_ref(argv: Sequence[str], quiet: bool = False) -> dict:
         raise EvalInputError(f"{args.ref}: make-ref needs images (a folder, or an .npz with 'arr_0')")
     weights = find_weights(args.inception)
     sha = file_sha256(weights)
-    model = load_inception(weights, device=device)
-    stats = ref.stats(model, sha, args.batch_size, use_cache=not args.no_cache,
+    model = load_inception(weights, device=device, preprocess=args.inception_preprocess)
+    feats_id = features_id(sha, args.inception_preprocess)
+    stats = ref.stats(model, feats_id, args.batch_size, use_cache=not args.no_cache,
                       progress=_progress("reference", len(ref.images), quiet))
-    arrays = {**{k: getattr(stats, k) for k in STAT_KEYS}, POOL_KEY: stats.pool, POOL_SHA_KEY: np.array(sha)}
+    arrays = {**{k: getattr(stats, k) for k in STAT_KEYS}, POOL_KEY: stats.pool, POOL_SHA_KEY: np.array(feats_id)}
     out = _write_atomic(args.out, lambda f: np.savez(f, **arrays))
     if not quiet:
         print(f"wrote {out}: the statistics of {stats.num_images} images of {args.ref}")
-    return {"out": str(out), "num_images": stats.num_images, "inception_sha256": sha, "source": stats.source}
+    return {"out": str(out), "num_images": stats.num_images, "inception_sha256": sha,
+            "inception_preprocess": args.inception_preprocess, "source": stats.source}
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

@@ -27,17 +27,20 @@ evaluations/evaluator.py):
   ``logits = pool @ fc.weight.T`` (``fc.bias`` is loaded, for strictness, but not used), over all
   1008 outputs (the TF graph has 1008 classes, 1000 of them real ImageNet classes).
 
-Preprocessing follows pytorch-fid: uint8 -> [0, 1], bilinear resize to 299x299
-(``align_corners=False``, no antialias), then ``2x - 1`` to [-1, 1].
+Preprocessing (``preprocess``; it is part of every features id, so features of the two are never mixed):
 
-How this differs from ADM's TF evaluator (so numbers are close, not identical):
-* ADM feeds float [0, 255] NHWC images into the TF graph, which resizes with TF1's legacy
-  ``ResizeBilinear`` (not half-pixel centres) and normalises with ``(x - 128) / 128``; we resize with
-  PyTorch's half-pixel bilinear and normalise with ``x / 127.5 - 1``. For 256px inputs the resize is
-  the larger of the two differences.
-* Different convolution kernels and accumulation orders (cuDNN/MKL vs TF) give float32 round-off
-  differences. Do not mix statistics from this port with statistics from the TF graph when you need
-  agreement beyond about 1% of FID; compute both sides with the same network when you can.
+* ``"tf"`` (default): ADM's. Its evaluator feeds float32 [0, 255] NHWC images into the TF graph at
+  ``ExpandDims:0``; the graph resizes them to 299x299 with TF1's legacy ``ResizeBilinear``
+  (``align_corners=False``, no half-pixel centres: `tf_legacy_resize_bilinear`), then computes
+  ``(x - 128) / 128``. ADM's reference statistics (VIRTUAL_imagenet256_labeled.npz ...) were made so.
+* ``"pytorch-fid"``: uint8 -> [0, 1], PyTorch's half-pixel bilinear resize (``align_corners=False``,
+  no antialias), then ``2x - 1``. For 256px inputs its resize is the larger difference from ADM's.
+
+How the default differs from ADM's TF evaluator: not in the preprocessing (the same resize and
+normalisation, in float32), only in the convolution kernels and accumulation orders (cuDNN/MKL vs TF),
+which give float32 round-off differences: numbers are close, not bit-identical. Do not mix statistics from
+this port with statistics from the TF graph when you need agreement beyond that round-off; compute both
+sides with the same network when you can.
 """
 from __future__ import annotations
 
@@ -61,6 +64,49 @@ POOL_DIM = 2048
 SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7] of mixed_6/conv
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023 at 299x299 input
 INPUT_SIZE = 299
+PREPROCESS_MODES = ("tf", "pytorch-fid")  # the first is the default (ADM's)
+
+
+def tf_legacy_resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """TF1 ``ResizeBilinear`` (``align_corners=False``, ``half_pixel_centers=False``) of float [..., H, W]
+    to ``size`` (h, w), in float32: source coordinate ``o * (in / out)``, neighbours ``floor`` and the next
+    (clamped to the last row/column), lerped along x in the two rows, then along y, as TF does."""
+    h, w = size
+    x = x.float()
+    if tuple(x.shape[-2:]) == (h, w):
+        return x
+
+    def taps(n_in, n_out):  # lo, hi, frac of every output index along one axis
+        src = torch.arange(n_out, dtype=torch.float32, device=x.device) * torch.tensor(
+            n_in / n_out, dtype=torch.float32, device=x.device)  # TF: float(in) / out, times float(o)
+        lo = src.floor()
+        i = lo.long()
+        return i, (i + 1).clamp(max=n_in - 1), src - lo
+
+    (y0, y1, fy), (x0, x1, fx) = taps(x.shape[-2], h), taps(x.shape[-1], w)
+    top, bottom = x[..., y0, :], x[..., y1, :]
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * fx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * fx
+    return top + (bottom - top) * fy[:, None]
+
+
+def check_preprocess(mode: str) -> str:
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"Inception preprocess must be one of {PREPROCESS_MODES}, got {mode!r}")
+    return mode
+
+
+def features_id(weights_sha256: str, preprocess: str) -> str:
+    """What names the features of these weights under this preprocessing (shard tags, reference caches,
+    make-ref's stored pool features): the weights' sha256, plus ``+tf`` for the TF preprocessing. The
+    pytorch-fid preprocessing keeps the bare sha256, as it was the only one when those were first written."""
+    return weights_sha256 if check_preprocess(preprocess) == "pytorch-fid" else f"{weights_sha256}+{preprocess}"
+
+
+def short_features_id(fid: str) -> str:
+    """A features id for file names and messages: the sha256's first 12 hex digits, and the mode."""
+    sha, plus, mode = fid.partition("+")
+    return sha[:12] + plus + mode
 
 
 class _AvgPoolExcludePad(nn.Module):
@@ -121,10 +167,12 @@ class InceptionFeatures:
 
 
 class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3. ``forward(images)`` takes uint8 [N,H,W,3] or [N,3,H,W] images."""
+    """The FID Inception-v3. ``forward(images)`` takes uint8 [N,H,W,3] or [N,3,H,W] images, preprocessed
+    as ``preprocess_mode`` says (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, preprocess: str = PREPROCESS_MODES[0]):
         super().__init__()
+        self.preprocess_mode = check_preprocess(preprocess)
         conv = tv.BasicConv2d
         self.Conv2d_1a_3x3 = conv(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
@@ -146,9 +194,8 @@ class FIDInceptionV3(nn.Module):
         self.eval()
         self.requires_grad_(False)
 
-    @staticmethod
-    def preprocess(images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N,H,W,3] or [N,3,H,W] -> float32 [N,3,299,299] in [-1, 1] (pytorch-fid)."""
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,H,W,3] or [N,3,H,W] -> float32 [N,3,299,299] in [-1, 1] (tf or pytorch-fid)."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dtype != torch.uint8:
@@ -158,6 +205,9 @@ class FIDInceptionV3(nn.Module):
                 f"images must be [N,H,W,3] or [N,3,H,W], got shape {tuple(images.shape)}")
         if images.shape[-1] == 3:  # NHWC (ADM's layout) wins when both could be 3
             images = images.permute(0, 3, 1, 2)
+        if self.preprocess_mode == "tf":  # ADM: float [0, 255], TF1 legacy resize, (x - 128) / 128
+            x = tf_legacy_resize_bilinear(images.float(), (INPUT_SIZE, INPUT_SIZE))
+            return (x - 128.0) / 128.0
         x = images.float() / 255.0
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
@@ -208,9 +258,10 @@ def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_inception(path: Optional[Union[str, os.PathLike]] = None,
-                   device: Union[str, torch.device] = "cpu") -> FIDInceptionV3:
-    """Build the FID Inception and load weights strict from ``path`` (or the hub cache)."""
+def load_inception(path: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
+                   preprocess: str = PREPROCESS_MODES[0]) -> FIDInceptionV3:
+    """Build the FID Inception with this preprocessing (``"tf"``, ADM's, or ``"pytorch-fid"``) and load
+    weights strict from ``path`` (or the hub cache)."""
     weights = find_weights(path)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -218,7 +269,7 @@ def load_inception(path: Optional[Union[str, os.PathLike]] = None,
         raise RuntimeError(f"could not read FID Inception weights {weights}: {e}") from e
     if not isinstance(state, dict):
         raise RuntimeError(f"{weights}: expected a state dict, got {type(state).__name__}")
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(preprocess)
     # num_batches_tracked is training bookkeeping; older files may lack it. Everything else strict.
     own = model.state_dict()
     state = dict(state)

@@ -8,16 +8,17 @@ Formats (as ADM's evaluator reads them):
   present, and always runs the reference images for precision/recall. Ours also reads a file with
   ``mu``/``sigma`` only (no sFID unless it has images to compute ``mu_s``/``sigma_s`` from), and the
   ``pool`` features + ``inception_sha256`` that ``python -m fastrepa.eval make-ref`` stores (precision/
-  recall without images, for the same Inception weights).
+  recall without images, for the same Inception weights and preprocessing: it holds their features id,
+  `fastrepa.eval.inception.features_id`).
 * reference folder: PNG/JPEG files found recursively, in sorted order of their relative paths, as RGB;
   optionally ADM-center-cropped (fastrepa.data.center_crop) to a square size.
 
 Images are streamed from the zip member batch by batch (a 50K x 256 x 256 x 3 batch is 9.8 GB), like
 ADM's StreamingNpzArrayReader. When the reference has images, we run them (for precision/recall and any
 statistics the file lacks) once and cache the statistics and pool features next to it as
-``<name>.<weights-sha256[:12]>[.cropS].fastrepa-stats.npz``; the cache records the weights' full sha256
-and the reference's size and mtime (a folder: a digest of its file list with sizes and mtimes) and is
-recomputed when any of them differ.
+``<name>.<weights-sha256[:12]>[+tf][.cropS].fastrepa-stats.npz``; the cache records the features id (the
+weights' full sha256 and the Inception preprocessing) and the reference's size and mtime (a folder: a digest
+of its file list with sizes and mtimes) and is recomputed when any of them differ.
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from .features import compute_activations
-from .inception import POOL_DIM, SPATIAL_DIM
+from .inception import POOL_DIM, SPATIAL_DIM, short_features_id
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STAT_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))  # FID, sFID
 IMAGES_KEY = "arr_0"
-POOL_KEY, POOL_SHA_KEY = "pool", "inception_sha256"  # make-ref's pool features and the weights that made them
+POOL_KEY, POOL_SHA_KEY = "pool", "inception_sha256"  # make-ref's pool features and the features id that made them
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 CACHE_SUFFIX = ".fastrepa-stats.npz"
 CACHE_VERSION = 1
@@ -237,20 +238,21 @@ class ReferenceFile:
             raise EvalInputError(f"{self.path}: '{POOL_KEY}' has shape {self.file_pool.shape}, expected "
                                  f"[N, {POOL_DIM}]")
 
-    def cache_path(self, weights_sha256: str) -> Path:
+    def cache_path(self, features_id: str) -> Path:
         crop = f".crop{self.center_crop}" if self.center_crop else ""
-        return self.path.with_name(f"{self.path.name}.{weights_sha256[:12]}{crop}{CACHE_SUFFIX}")
+        return self.path.with_name(f"{self.path.name}.{short_features_id(features_id)}{crop}{CACHE_SUFFIX}")
 
-    def _cache_meta(self, weights_sha256: str) -> dict:
+    def _cache_meta(self, features_id: str) -> dict:
         if isinstance(self.images, FolderImages):
             ref = {"ref_files_sha256": self.images.fingerprint(), "center_crop": self.center_crop or 0}
         else:
             st = self.path.stat()
             ref = {"ref_size": st.st_size, "ref_mtime_ns": st.st_mtime_ns}
-        return {"version": CACHE_VERSION, "weights_sha256": weights_sha256, **ref, "num_images": len(self.images)}
+        # "weights_sha256": the key of earlier versions, whose caches (pytorch-fid: the bare sha256) stay valid
+        return {"version": CACHE_VERSION, "weights_sha256": features_id, **ref, "num_images": len(self.images)}
 
-    def _load_cache(self, weights_sha256: str, meta: dict) -> Optional[dict]:
-        cp = self.cache_path(weights_sha256)
+    def _load_cache(self, features_id: str, meta: dict) -> Optional[dict]:
+        cp = self.cache_path(features_id)
         if not cp.is_file():
             return None
         try:
@@ -264,8 +266,8 @@ class ReferenceFile:
                 return None
         return data
 
-    def _save_cache(self, weights_sha256: str, data: dict, meta: dict) -> None:
-        cp = self.cache_path(weights_sha256)
+    def _save_cache(self, features_id: str, data: dict, meta: dict) -> None:
+        cp = self.cache_path(features_id)
         tmp = cp.with_name(cp.name + f".tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
@@ -275,13 +277,14 @@ class ReferenceFile:
             warnings.warn(f"could not write stats cache {cp}: {e}")
             tmp.unlink(missing_ok=True)
 
-    def _file_only(self, weights_sha256: Optional[str]) -> ReferenceStats:
+    def _file_only(self, features_id: Optional[str]) -> ReferenceStats:
         s, notes, pool = self.file_stats, [], None
-        if self.file_pool is not None and self.file_pool_sha == weights_sha256:
+        if self.file_pool is not None and self.file_pool_sha == features_id:
             pool = self.file_pool
         elif self.file_pool is not None:
-            notes.append(f"precision/recall: the reference's pool features were made by the Inception weights "
-                         f"{self.file_pool_sha[:12]}, not these ({(weights_sha256 or '?')[:12]})")
+            notes.append(f"precision/recall: the reference's pool features were made by the Inception "
+                         f"{short_features_id(self.file_pool_sha)} (weights sha256[:12][+preprocessing]), not "
+                         f"these ({short_features_id(features_id or '?')})")
         else:
             notes.append("precision/recall need reference images (arr_0) or pool features; the reference has "
                          "only statistics")
@@ -291,16 +294,17 @@ class ReferenceFile:
         return ReferenceStats(s["mu"], s["sigma"], s.get("mu_s"), s.get("sigma_s"), pool=pool,
                               num_images=None if pool is None else len(pool), source="file", notes=notes)
 
-    def stats(self, model=None, weights_sha256: Optional[str] = None, batch_size: int = 100,
+    def stats(self, model=None, features_id: Optional[str] = None, batch_size: int = 100,
               use_cache: bool = True, progress=None) -> ReferenceStats:
         """Statistics (the file's where it has them; the rest from the cache, else computed from the
-        images) and reference pool features."""
+        images by `model`) and reference pool features. `features_id` names `model`'s features
+        (`fastrepa.eval.inception.features_id`): caches and stored pool features of another are not used."""
         if self.images is None:
-            return self._file_only(weights_sha256)
-        cache = use_cache and bool(weights_sha256)
-        meta = self._cache_meta(weights_sha256) if cache else None
-        data = self._load_cache(weights_sha256, meta) if cache else None
-        source = f"cache:{self.cache_path(weights_sha256)}" if data is not None else "computed"
+            return self._file_only(features_id)
+        cache = use_cache and bool(features_id)
+        meta = self._cache_meta(features_id) if cache else None
+        data = self._load_cache(features_id, meta) if cache else None
+        source = f"cache:{self.cache_path(features_id)}" if data is not None else "computed"
         if data is None:
             if model is None:
                 raise ValueError(f"{self.path}: computing reference features needs the Inception")
@@ -309,7 +313,7 @@ class ReferenceFile:
                     "mu_s": acts.spatial_stats.mu, "sigma_s": acts.spatial_stats.sigma,
                     "pool": acts.pool}
             if cache:
-                self._save_cache(weights_sha256, data, meta)
+                self._save_cache(features_id, data, meta)
         s = {**data, **self.file_stats}  # the file's statistics win, as in ADM
         if len(self.file_stats) == len(STAT_KEYS):
             source = f"file (pool features for precision/recall: {source})"
