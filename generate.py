@@ -410,4 +410,5 @@ def _run(parser, a, env, inception) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastrepa.distributed import exit_process
+    exit_process(main())

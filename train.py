@@ -41,4 +41,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastrepa.distributed import exit_process
+    exit_process(main())
