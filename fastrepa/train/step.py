@@ -83,7 +83,7 @@ class TrainStep:
         obj, device, accum = self.objective, self.device, self.accum
         zs_all = self.encode(raw)
         mean, std = moments.chunk(2, dim=1)
-        eps, t_all, noise_all, drop_all = (t if t.device == device else t.to(device) for t in draws)
+        eps, t_all, noise_all, drop_all = (t.to(device) for t in draws)  # no-ops after to_device
         x_all = (mean + std * eps.to(mean.dtype)) * self.data.latents_scale + self.data.latents_bias
         n = x_all.shape[0]
         loss_sum = denoise_sum = proj_sum = torch.zeros((), device=device)
