@@ -46,10 +46,16 @@ def build_parser():
                    help="latent decoder (default: the checkpoint's; official checkpoints: ema, the SD-VAE)")
     p.add_argument("--per-proc-batch-size", type=int, default=32)
     p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--mode", choices=("ode", "sde"), default="ode")
+    p.add_argument("--mode", choices=("ode", "sde", "ddpm"), default=None,
+                   help="sampler: ode / sde for a velocity model (SiT; default ode, as official REPA), ddpm for a "
+                        "DiT checkpoint (its default: DDPM respaced to --num-steps, as DiT's sample_ddp.py)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--path-type", choices=("linear", "cosine"), default=None)
-    p.add_argument("--num-steps", type=int, default=50)
+    p.add_argument("--num-steps", "--num-sampling-steps", dest="num_steps", type=int, default=None,
+                   help="sampler steps (default 50 for ode/sde, 250 for ddpm; --num-sampling-steps is DiT's name)")
+    p.add_argument("--guided-channels", choices=("3", "all"), default="3",
+                   help="ddpm CFG: guide the first 3 eps channels as DiT does ('for exact reproducibility', the "
+                        "default) or all of them")
     p.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
@@ -153,8 +159,8 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     for name, ok, want in (("per-proc-batch-size", a.per_proc_batch_size >= 1, "a positive integer"),
                            ("num-fid-samples", a.num_fid_samples >= 1, "a positive integer"),
-                           ("num-steps", a.num_steps >= (2 if a.mode == "sde" else 1),
-                            "at least 2 for --mode sde, 1 for ode"),
+                           ("num-steps", a.num_steps is None or a.num_steps >= (2 if a.mode == "sde" else 1),
+                            "at least 2 for --mode sde, 1 otherwise"),
                            ("cfg-scale", a.cfg_scale >= 1.0, "a number >= 1 (1 disables guidance)"),
                            ("guidance-low", 0 <= a.guidance_low <= a.guidance_high <= 1,
                             "0 <= --guidance-low <= --guidance-high <= 1"),
@@ -193,220 +199,282 @@ def main(argv=None) -> int:
 
 
 def _run(parser, a, env, inception) -> int:
-    import torch
-    from tqdm import tqdm
+    generator = Generator(parser, a, env, inception)
+    generator.build()
+    return generator.fit()
 
-    from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, weights_name
-    from fastrepa.generation import (ProgressLog, assemble_features, assemble_shards, batch_plan, compile_velocity,
-                                     cudagraph_skips, list_shards, model_from_checkpoint, rank_batches, read_shard,
-                                     sample_batch, shard_features_id, write_npz, write_pngs, write_shard)
-    from fastrepa.kernels import use_triton
-    from fastrepa.vae import load_vae
 
-    t0 = time.time()
-    device = env.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = a.tf32
-        torch.backends.cudnn.allow_tf32 = a.tf32
-    precision = a.precision if a.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    use_compile = a.compile if a.compile is not None else (a.compile_mode is not None or device.type == "cuda")
-    compile_mode = (a.compile_mode or "default") if use_compile else None
-    try:  # what runs the fused ops here ("auto": Triton on CUDA); "triton" where it cannot run fails now
-        kernels = "triton" if use_triton(a.kernels, torch.empty(0, device=device)) else "torch"
-    except RuntimeError as e:
-        parser.error(f"--kernels: {e}")
-    overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
-                 "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels,
-                 "input_size": a.resolution // 8 if a.resolution else None}
-    if a.fused_attn is not None:
-        overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
-    try:
-        ckpt = load_checkpoint_file(a.ckpt)
-        model, args = model_from_checkpoint(a.ckpt, a.weights, overrides, ckpt=ckpt)
-    except CheckpointError as e:
-        parser.error(f"--ckpt: {e}")
-    weights = weights_name(ckpt, a.weights)  # "state_dict": a bare state dict (select_weights warned)
-    del ckpt
-    model.to(device)
-    vae_name = a.vae or args.get("vae") or "ema"
-    try:  # the SD-VAE decodes under the sampler's precision: bf16 autocast, or fp32 without autocast
-        vae = load_vae(vae_name, decode_dtype=torch.bfloat16 if precision == "bf16" else None).to(device)
-    except NotImplementedError as e:
-        parser.error(f"--vae: {e}")
-    path_type = a.path_type or args.get("path_type") or "linear"
-    latents_scale = args.get("latents_scale", 0.18215)
-    latents_bias = args.get("latents_bias", 0.0)
-    model_name = a.model or args.get("model") or "SiT-XL/2"
-    size = model.x_embedder.grid_size * model.patch_size
+class Generator:
+    """One sampling run: `build` (the model the checkpoint describes, the VAE, the settings and the shard
+    folder, the Inception features), `step(start, end)` (one batch sampled, decoded and written as a shard),
+    `fit` (this rank's missing batches, the backfill of older shards, then on rank 0 the .npz, the metrics
+    and generate.json). Returns exit codes like main."""
 
-    # What defines the samples: a rerun in the same --sample-dir must match all of it to reuse shards.
-    settings = {
-        "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt),
-        # a checkpoint retrained at the same path is another run: its mtime tells
-        "ckpt_mtime_ns": os.stat(a.ckpt).st_mtime_ns, "weights": weights,
-        "model": model_name, "model_overrides": {k: v for k, v in overrides.items() if v is not None and k != "kernels"},
-        "latent_size": size, "vae": vae_name, "latents_scale": latents_scale, "latents_bias": latents_bias,
-        "mode": a.mode, "num_steps": a.num_steps, "heun": a.heun, "cfg_scale": a.cfg_scale,
-        "guidance_low": a.guidance_low, "guidance_high": a.guidance_high, "path_type": path_type,
-        "global_seed": a.global_seed, "num_fid_samples": a.num_fid_samples,
-        "per_proc_batch_size": a.per_proc_batch_size, "precision": precision,
-        # what else changes the numbers: the fused-op implementation, the compiled kernels, TF32 (CUDA only)
-        "kernels": kernels, "compile": _compile_numerics(compile_mode),
-        "tf32": a.tf32 if device.type == "cuda" else None,
-    }
-    if a.mode == "sde":  # shards of earlier versions (one SDE noise stream per batch) are not these samples
-        settings["sde_noise"] = "per-sample"
-    if precision == "fp32" and hasattr(vae, "decode_dtype"):  # earlier versions decoded the SD-VAE in bf16 on
-        settings["vae_decode"] = "fp32"                       # CUDA even under fp32: not these samples
-    shard_dir = os.path.join(a.sample_dir, "shards")
-    problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
-    if problem:
-        parser.error(f"--sample-dir: {problem}")
-    ckpt_name = os.path.splitext(os.path.basename(a.ckpt))[0]
-    name = f"{model_name.replace('/', '-')}-{ckpt_name}-cfg-{a.cfg_scale}-seed-{a.global_seed}-{a.mode}"
-    npz_path, png_dir = os.path.join(a.sample_dir, name + ".npz"), os.path.join(a.sample_dir, name)
-    if env.is_main:
-        if a.overwrite:  # start afresh: this run's shards, and the outputs the last report names
-            _discard_previous(a.sample_dir, shard_dir, png_dir)
-        os.makedirs(shard_dir, exist_ok=True)
-        for f in os.listdir(shard_dir):  # leftovers of a killed run; nobody writes before the barrier
-            if ".tmp" in f:
-                os.remove(os.path.join(shard_dir, f))
-        _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
-    env.barrier()
+    def __init__(self, parser, a, env, inception):
+        self.parser, self.a, self.env, self.inception = parser, a, env, inception
 
-    # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256 and
-    # the preprocessing (fastrepa.eval.features_id), so features of others are recomputed, never mixed in.
-    stream, features_id, weights_sha = inception is not None and a.stream_features, None, None
-    if stream:
-        from fastrepa.eval import features_id as features_id_of
-        from fastrepa.eval import file_sha256, image_features
-        inception_net = inception[1].to(device)
-        weights_sha = file_sha256(inception[0])
-        features_id = features_id_of(weights_sha, inception_net.preprocess_mode)
+    def build(self) -> None:
+        import torch
 
-        def features_of(images):
-            return image_features(inception_net, images, a.eval_batch_size)
+        from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, weights_name
+        from fastrepa.generation import (check_mode, compile_velocity, cudagraph_skips, default_mode,
+                                         model_from_checkpoint)
+        from fastrepa.kernels import use_triton
+        from fastrepa.vae import load_vae
 
-    velocity = compile_velocity(model, compile_mode) if use_compile else model.velocity
-    skips0 = cudagraph_skips()
-    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-    plan = batch_plan(a.num_fid_samples, a.per_proc_batch_size)
-    done = list_shards(shard_dir)
-    mine = rank_batches(plan, env.rank, env.world_size)
-    todo = [b for b in mine if b not in done]
-    n_done = sum(e - s for s, e in plan if (s, e) in done)
-    if env.is_main and n_done:
-        print(f"resuming: {n_done} of {a.num_fid_samples} samples already in {shard_dir}", flush=True)
-    # rank 0 shows the bar even when stderr is not a terminal, and logs a plain line every 10% (nohup, slurm)
-    bar = tqdm(total=a.num_fid_samples, initial=n_done, desc=f"sampling ({env.world_size} proc)", unit="img",
-               disable=not env.is_main, dynamic_ncols=True)
-    log = ProgressLog(a.num_fid_samples, n_done)
-
-    def show_progress(done):
-        bar.n = done
-        bar.refresh()
-        line = log.update(done)
-        if line:
-            bar.write(line)
-
-    exit_after = int(os.environ.get(TEST_EXIT_AFTER_SHARDS_ENV, "0") or 0)
-    written = 0
-    t_sample = time.time()
-    for start, end in todo:
-        images = sample_batch(model, vae, start, end, batch_size=a.per_proc_batch_size, mode=a.mode,
-                              num_steps=a.num_steps, cfg_scale=a.cfg_scale, guidance_low=a.guidance_low,
-                              guidance_high=a.guidance_high, heun=a.heun, path_type=path_type,
-                              seed=a.global_seed, latents_scale=latents_scale, latents_bias=latents_bias,
-                              device=device, velocity=velocity, autocast_dtype=autocast_dtype).numpy()
-        if a.png:
-            write_pngs(images, start, png_dir)
-        feats = features_of(images) if stream else None
-        write_shard(shard_dir, start, end, images, feats, features_id)  # images and features: one file
-        written += 1
-        if env.is_main:  # global progress: count every process's shards on disk
-            show_progress(sum(e - s for s, e in list_shards(shard_dir)))
-        if exit_after and written >= exit_after:
-            bar.close()
-            print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
-            sys.exit(TEST_EXIT_CODE)
-    # Shards made by an earlier run without --png or --ref (or with another Inception or preprocessing): add
-    # what is missing from the images on disk; features are added by rewriting the shard atomically.
-    backfilled = 0
-    for start, end in mine:
-        if (start, end) not in done:
-            continue
-        path = done[(start, end)]
-        need_png = a.png and not all(os.path.isfile(os.path.join(png_dir, f"{i:06d}.png"))
-                                     for i in range(start, end))
-        need_features = stream and shard_features_id(path) != features_id
-        if need_png or need_features:
-            try:
-                images = read_shard(path, start, end)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                return 2
-            if need_png:
-                write_pngs(images, start, png_dir)
-            if need_features:
-                write_shard(shard_dir, start, end, images, features_of(images), features_id)
-                backfilled += 1
-    sample_seconds = time.time() - t_sample
-    env.barrier()
-    if env.is_main:
-        show_progress(a.num_fid_samples)
-    bar.close()
-    if not env.is_main:
-        return 0
-
-    try:
-        arr = assemble_shards(shard_dir, plan)
-        acts = assemble_features(shard_dir, plan, features_id) if stream else None
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    write_npz(arr, npz_path)
-    report = {
-        "samples": os.path.abspath(npz_path), "num_samples": int(arr.shape[0]), "image_shape": list(arr.shape[1:]),
-        "png_dir": os.path.abspath(png_dir) if a.png else None,
-        "settings": {**settings, "world_size": env.world_size, "device": str(device), "compile_mode": compile_mode,
-                     "kernels_flag": a.kernels, "tf32_flag": a.tf32, "stream_features": stream,
-                     "inception_preprocess": inception[1].preprocess_mode if inception else None,
-                     "vae_decode": "bf16" if getattr(vae, "decode_autocast_dtype", None) == torch.bfloat16 else "fp32",
-                     "torch": torch.__version__},
-        # reduce-overhead: graphs rank 0 ran without CUDA graphs (0 = every graph captured)
-        "cudagraph_skips_rank0": cudagraph_skips() - skips0 if compile_mode == "reduce-overhead" else None,
-        "timing": {"sample_seconds_rank0": round(sample_seconds, 3),
-                   "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done,
-                   "features_added_to_shards_rank0": backfilled},
-    }
-    print(f"wrote {arr.shape[0]} samples to {npz_path}" + (f" and {png_dir}/" if a.png else ""), flush=True)
-    if a.ref is not None:
-        from fastrepa.eval import EvalInputError, ReferenceFile
-        from fastrepa.eval.cli import METRIC_KEYS, evaluate
-        from fastrepa.eval.cli import main as eval_main
+        parser, a, env = self.parser, self.a, self.env
+        self.t0 = time.time()
+        device = self.device = env.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = a.tf32
+            torch.backends.cudnn.allow_tf32 = a.tf32
+        precision = a.precision if a.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        use_compile = a.compile if a.compile is not None else (a.compile_mode is not None or device.type == "cuda")
+        self.compile_mode = compile_mode = (a.compile_mode or "default") if use_compile else None
+        try:  # what runs the fused ops here ("auto": Triton on CUDA); "triton" where it cannot run fails now
+            kernels = "triton" if use_triton(a.kernels, torch.empty(0, device=device)) else "torch"
+        except RuntimeError as e:
+            parser.error(f"--kernels: {e}")
+        overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
+                     "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels,
+                     "input_size": a.resolution // 8 if a.resolution else None}
+        if a.fused_attn is not None:
+            overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
         try:
-            if stream:  # the features of the shards, gathered in index order: no image is read again
-                ref = ReferenceFile(a.ref, center_crop=arr.shape[1] if a.ref_center_crop else None)
-                ev = evaluate(acts, ref, inception_net, inception[0], samples=npz_path, sample_shape=arr.shape[1:],
-                              weights_sha256=weights_sha, batch_size=a.eval_batch_size, device=str(device),
-                              fd_method=a.fd_method, sample_features=f"computed while sampling by "
-                              f"{env.world_size} process(es), read from the shards")
-            else:
-                ev = eval_main([npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
-                                str(a.eval_batch_size), "--device", str(device), "--fd-method", a.fd_method,
-                                "--inception-preprocess", inception[1].preprocess_mode]
-                               + (["--ref-center-crop"] if a.ref_center_crop else []))
-        except EvalInputError as e:  # e.g. an unreadable image in a --ref folder; the samples are written
-            print(f"error: --ref: {e}", file=sys.stderr, flush=True)
+            ckpt = load_checkpoint_file(a.ckpt)
+            model, args = model_from_checkpoint(a.ckpt, a.weights, overrides, ckpt=ckpt)
+        except CheckpointError as e:
+            parser.error(f"--ckpt: {e}")
+        weights = weights_name(ckpt, a.weights)  # "state_dict": a bare state dict (select_weights warned)
+        del ckpt
+        self.mode = a.mode or default_mode(model)
+        try:
+            check_mode(model, self.mode)
+        except ValueError as e:
+            parser.error(f"{e} ({a.ckpt})")
+        self.num_steps = a.num_steps or (250 if self.mode == "ddpm" else 50)
+        if self.mode == "sde" and self.num_steps < 2:
+            parser.error("--num-steps: expected at least 2 for --mode sde")
+        if self.mode == "ddpm" and (a.guidance_low, a.guidance_high) != (0.0, 1.0):
+            parser.error("--guidance-low/--guidance-high: DDPM sampling (a DiT checkpoint) guides every step, as "
+                         "DiT does; the guidance interval is an option of the ODE/SDE samplers")
+        self.model = model.to(device)
+        vae_name = a.vae or args.get("vae") or "ema"
+        try:  # the SD-VAE decodes under the sampler's precision: bf16 autocast, or fp32 without autocast
+            self.vae = load_vae(vae_name, decode_dtype=torch.bfloat16 if precision == "bf16" else None).to(device)
+        except NotImplementedError as e:
+            parser.error(f"--vae: {e}")
+        self.path_type = a.path_type or args.get("path_type") or "linear"
+        self.latents_scale = args.get("latents_scale", 0.18215)
+        self.latents_bias = args.get("latents_bias", 0.0)
+        self.model_name = model_name = a.model or args.get("model") or ("DiT-XL/2" if model.prediction == "epsilon" else "SiT-XL/2")
+        self.guided_channels = None if a.guided_channels == "all" else int(a.guided_channels)
+
+        # What defines the samples: a rerun in the same --sample-dir must match all of it to reuse shards.
+        settings = self.settings = {
+            "ckpt": os.path.abspath(a.ckpt), "ckpt_bytes": os.path.getsize(a.ckpt),
+            # a checkpoint retrained at the same path is another run: its mtime tells
+            "ckpt_mtime_ns": os.stat(a.ckpt).st_mtime_ns, "weights": weights,
+            "model": model_name,
+            "model_overrides": {k: v for k, v in overrides.items() if v is not None and k != "kernels"},
+            "latent_size": model.latent_shape[-1], "vae": vae_name, "latents_scale": self.latents_scale,
+            "latents_bias": self.latents_bias, "mode": self.mode, "num_steps": self.num_steps, "heun": a.heun,
+            "cfg_scale": a.cfg_scale, "guidance_low": a.guidance_low, "guidance_high": a.guidance_high,
+            "path_type": self.path_type, "global_seed": a.global_seed, "num_fid_samples": a.num_fid_samples,
+            "per_proc_batch_size": a.per_proc_batch_size, "precision": precision,
+            # what else changes the numbers: the fused-op implementation, the compiled kernels, TF32 (CUDA only)
+            "kernels": kernels, "compile": _compile_numerics(compile_mode),
+            "tf32": a.tf32 if device.type == "cuda" else None,
+        }
+        if self.mode == "sde":  # shards of earlier versions (one SDE noise stream per batch) are not these samples
+            settings["sde_noise"] = "per-sample"
+        if self.mode == "ddpm":
+            settings["guided_channels"] = a.guided_channels
+        if precision == "fp32" and hasattr(self.vae, "decode_dtype"):  # earlier versions decoded the SD-VAE in
+            settings["vae_decode"] = "fp32"                            # bf16 on CUDA even under fp32
+        self.shard_dir = shard_dir = os.path.join(a.sample_dir, "shards")
+        problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
+        if problem:
+            parser.error(f"--sample-dir: {problem}")
+        ckpt_name = os.path.splitext(os.path.basename(a.ckpt))[0]
+        name = f"{model_name.replace('/', '-')}-{ckpt_name}-cfg-{a.cfg_scale}-seed-{a.global_seed}-{self.mode}"
+        self.npz_path, self.png_dir = os.path.join(a.sample_dir, name + ".npz"), os.path.join(a.sample_dir, name)
+        if env.is_main:
+            if a.overwrite:  # start afresh: this run's shards, and the outputs the last report names
+                _discard_previous(a.sample_dir, shard_dir, self.png_dir)
+            os.makedirs(shard_dir, exist_ok=True)
+            for f in os.listdir(shard_dir):  # leftovers of a killed run; nobody writes before the barrier
+                if ".tmp" in f:
+                    os.remove(os.path.join(shard_dir, f))
+            _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
+        env.barrier()
+
+        # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256 and
+        # the preprocessing (fastrepa.eval.features_id), so features of others are recomputed, never mixed in.
+        self.stream = self.inception is not None and a.stream_features
+        self.features_id = self.weights_sha = None
+        if self.stream:
+            from fastrepa.eval import features_id as features_id_of
+            from fastrepa.eval import file_sha256
+            self.inception_net = self.inception[1].to(device)
+            self.weights_sha = file_sha256(self.inception[0])
+            self.features_id = features_id_of(self.weights_sha, self.inception_net.preprocess_mode)
+        self.denoise = compile_velocity(model, compile_mode) if use_compile else model.denoise
+        self.skips0 = cudagraph_skips()
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def features_of(self, images):
+        from fastrepa.eval import image_features
+        return image_features(self.inception_net, images, self.a.eval_batch_size)
+
+    def step(self, start: int, end: int):
+        """Samples start..end-1 sampled, decoded and written as one shard (with PNGs and features as asked)."""
+        from fastrepa.generation import sample_batch, write_pngs, write_shard
+        a = self.a
+        images = sample_batch(self.model, self.vae, start, end, batch_size=a.per_proc_batch_size, mode=self.mode,
+                              num_steps=self.num_steps, cfg_scale=a.cfg_scale, guidance_low=a.guidance_low,
+                              guidance_high=a.guidance_high, heun=a.heun, path_type=self.path_type,
+                              seed=a.global_seed, latents_scale=self.latents_scale, latents_bias=self.latents_bias,
+                              device=self.device, velocity=self.denoise, autocast_dtype=self.autocast_dtype,
+                              guided_channels=self.guided_channels).numpy()
+        if a.png:
+            write_pngs(images, start, self.png_dir)
+        feats = self.features_of(images) if self.stream else None
+        write_shard(self.shard_dir, start, end, images, feats, self.features_id)  # images and features: one file
+
+    def backfill(self, mine, done) -> int | None:
+        """Shards made by an earlier run without --png or --ref (or with another Inception or preprocessing):
+        add what is missing from the images on disk; features are added by rewriting the shard atomically.
+        Returns how many shards got features, or None after printing an error (a damaged shard)."""
+        from fastrepa.generation import read_shard, shard_features_id, write_pngs, write_shard
+        a, backfilled = self.a, 0
+        for start, end in mine:
+            if (start, end) not in done:
+                continue
+            path = done[(start, end)]
+            need_png = a.png and not all(os.path.isfile(os.path.join(self.png_dir, f"{i:06d}.png"))
+                                         for i in range(start, end))
+            need_features = self.stream and shard_features_id(path) != self.features_id
+            if need_png or need_features:
+                try:
+                    images = read_shard(path, start, end)
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                    return None
+                if need_png:
+                    write_pngs(images, start, self.png_dir)
+                if need_features:
+                    write_shard(self.shard_dir, start, end, images, self.features_of(images), self.features_id)
+                    backfilled += 1
+        return backfilled
+
+    def fit(self) -> int:
+        from tqdm import tqdm
+
+        from fastrepa.generation import ProgressLog, batch_plan, list_shards, rank_batches
+        a, env, shard_dir = self.a, self.env, self.shard_dir
+        plan = batch_plan(a.num_fid_samples, a.per_proc_batch_size)
+        done = list_shards(shard_dir)
+        mine = rank_batches(plan, env.rank, env.world_size)
+        todo = [b for b in mine if b not in done]
+        n_done = sum(e - s for s, e in plan if (s, e) in done)
+        if env.is_main and n_done:
+            print(f"resuming: {n_done} of {a.num_fid_samples} samples already in {shard_dir}", flush=True)
+        # rank 0 shows the bar even when stderr is not a terminal, and logs a plain line every 10% (nohup, slurm)
+        bar = tqdm(total=a.num_fid_samples, initial=n_done, desc=f"sampling ({env.world_size} proc)", unit="img",
+                   disable=not env.is_main, dynamic_ncols=True)
+        log = ProgressLog(a.num_fid_samples, n_done)
+
+        def show_progress(done):
+            bar.n = done
+            bar.refresh()
+            line = log.update(done)
+            if line:
+                bar.write(line)
+
+        exit_after = int(os.environ.get(TEST_EXIT_AFTER_SHARDS_ENV, "0") or 0)
+        written = 0
+        t_sample = time.time()
+        for start, end in todo:
+            self.step(start, end)
+            written += 1
+            if env.is_main:  # global progress: count every process's shards on disk
+                show_progress(sum(e - s for s, e in list_shards(shard_dir)))
+            if exit_after and written >= exit_after:
+                bar.close()
+                print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
+                sys.exit(TEST_EXIT_CODE)
+        backfilled = self.backfill(mine, done)
+        if backfilled is None:
             return 2
-        report["metrics"] = {k: ev[k] for k in METRIC_KEYS}
-        report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
-    report["timing"]["total_seconds"] = round(time.time() - t0, 3)
-    report_path = os.path.join(a.sample_dir, "generate.json")
-    _write_json(report_path, report)
-    print(f"wrote {report_path}", flush=True)
-    return 0
+        sample_seconds = time.time() - t_sample
+        env.barrier()
+        if env.is_main:
+            show_progress(a.num_fid_samples)
+        bar.close()
+        if not env.is_main:
+            return 0
+        return self.finish(plan, n_done, sample_seconds, backfilled)
+
+    def finish(self, plan, n_done: int, sample_seconds: float, backfilled: int) -> int:
+        """Rank 0: the assembled .npz, the metrics (with --ref) and generate.json."""
+        import torch
+
+        from fastrepa.generation import assemble_features, assemble_shards, cudagraph_skips, write_npz
+        a, env, inception = self.a, self.env, self.inception
+        try:
+            arr = assemble_shards(self.shard_dir, plan)
+            acts = assemble_features(self.shard_dir, plan, self.features_id) if self.stream else None
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        write_npz(arr, self.npz_path)
+        report = {
+            "samples": os.path.abspath(self.npz_path), "num_samples": int(arr.shape[0]),
+            "image_shape": list(arr.shape[1:]), "png_dir": os.path.abspath(self.png_dir) if a.png else None,
+            "settings": {**self.settings, "world_size": env.world_size, "device": str(self.device),
+                         "compile_mode": self.compile_mode, "kernels_flag": a.kernels, "tf32_flag": a.tf32,
+                         "stream_features": self.stream,
+                         "inception_preprocess": inception[1].preprocess_mode if inception else None,
+                         "vae_decode": ("bf16" if getattr(self.vae, "decode_autocast_dtype", None) == torch.bfloat16
+                                        else "fp32"),
+                         "torch": torch.__version__},
+            # reduce-overhead: graphs rank 0 ran without CUDA graphs (0 = every graph captured)
+            "cudagraph_skips_rank0": (cudagraph_skips() - self.skips0 if self.compile_mode == "reduce-overhead"
+                                      else None),
+            "timing": {"sample_seconds_rank0": round(sample_seconds, 3),
+                       "new_samples": a.num_fid_samples - n_done, "resumed_samples": n_done,
+                       "features_added_to_shards_rank0": backfilled},
+        }
+        print(f"wrote {arr.shape[0]} samples to {self.npz_path}" + (f" and {self.png_dir}/" if a.png else ""),
+              flush=True)
+        if a.ref is not None:
+            from fastrepa.eval import EvalInputError, ReferenceFile
+            from fastrepa.eval.cli import METRIC_KEYS, evaluate
+            from fastrepa.eval.cli import main as eval_main
+            try:
+                if self.stream:  # the features of the shards, gathered in index order: no image is read again
+                    ref = ReferenceFile(a.ref, center_crop=arr.shape[1] if a.ref_center_crop else None)
+                    ev = evaluate(acts, ref, self.inception_net, inception[0], samples=self.npz_path,
+                                  sample_shape=arr.shape[1:], weights_sha256=self.weights_sha,
+                                  batch_size=a.eval_batch_size, device=str(self.device), fd_method=a.fd_method,
+                                  sample_features=f"computed while sampling by {env.world_size} process(es), read "
+                                                  f"from the shards")
+                else:
+                    ev = eval_main([self.npz_path, "--ref", a.ref, "--inception", inception[0], "--batch-size",
+                                    str(a.eval_batch_size), "--device", str(self.device), "--fd-method", a.fd_method,
+                                    "--inception-preprocess", inception[1].preprocess_mode]
+                                   + (["--ref-center-crop"] if a.ref_center_crop else []))
+            except EvalInputError as e:  # e.g. an unreadable image in a --ref folder; the samples are written
+                print(f"error: --ref: {e}", file=sys.stderr, flush=True)
+                return 2
+            report["metrics"] = {k: ev[k] for k in METRIC_KEYS}
+            report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
+        report["timing"]["total_seconds"] = round(time.time() - self.t0, 3)
+        report_path = os.path.join(a.sample_dir, "generate.json")
+        _write_json(report_path, report)
+        print(f"wrote {report_path}", flush=True)
+        return 0
 
 
 if __name__ == "__main__":

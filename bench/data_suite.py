@@ -157,7 +157,7 @@ def measure(row, dataset, B, workers, epochs_warmup, repeats, device, seed=0):
 
     def consume(batch):
         if cuda:
-            batch = [t.to(device, non_blocking=True) for t in batch]
+            batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
         return batch
 
     def sync():
@@ -181,7 +181,8 @@ def measure(row, dataset, B, workers, epochs_warmup, repeats, device, seed=0):
             t = time.perf_counter()
             labels = []
             for _ in range(steps):
-                images, _, y = consume(next(it))
+                batch = consume(next(it))
+                images, y = batch["image"], batch["label"]
                 labels.append(y)
                 got_images += images.shape[0]
             sync()

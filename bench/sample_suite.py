@@ -4,7 +4,7 @@ interval [0, 0.7]) timed with the product's own sampler, for one model at one or
 The model is built by name with random weights (`build_model` + its own init, the zero-initialised
 adaLN / final layers redrawn so every path carries signal; weights do not change the speed). The
 sampler is `fastrepa.sampling.euler_maruyama_sampler`, called as `fastrepa.generation.sample_batch`
-calls it: the model's `velocity` (or its torch.compile'd version, as generate.py builds it), latents in
+calls it: the model's `denoise` (SiT's velocity; or its torch.compile'd version, as generate.py builds it), latents in
 the parameter dtype, the SDE noise drawn per sample from its own CPU generator in float64 (as
 generate.py), under bf16 autocast on CUDA (fp32 on the CPU, or whatever --dtype says).
 
@@ -24,7 +24,7 @@ with the same estimate for its own step counts.
 
 Variants (each measured in the same run):
 - eager:                 kernels=torch, no compile;
-- compile:               kernels=torch, torch.compile(model.velocity) as generate.py compiles it
+- compile:               kernels=torch, torch.compile(model.denoise) as generate.py compiles it
                          (`fastrepa.generation.compile_velocity`: default mode, static shapes);
 - cuda-graphs:           kernels=torch, the same with mode="reduce-overhead" (CUDA only);
 - compile+triton:        kernels=triton, default mode (CUDA only);
@@ -62,9 +62,9 @@ class Variant:
 
     def describe(self):
         if not self.compiled:
-            return f"kernels={self.kernels}, eager model.velocity"
+            return f"kernels={self.kernels}, eager model.denoise"
         mode = "" if self.compile_mode == "default" else f", mode={self.compile_mode!r}"
-        return f"kernels={self.kernels}, torch.compile(model.velocity{mode}, dynamic=False)"
+        return f"kernels={self.kernels}, torch.compile(model.denoise{mode}, dynamic=False)"
 
 
 VARIANTS = {v.name: v for v in [
@@ -79,7 +79,7 @@ VARIANTS = {v.name: v for v in [
 # ------------------------------------------------------------------------------------ FLOP model
 
 def velocity_flops_per_image(kw):
-    """Matmul FLOPs (2 per multiply-add) of one `model.velocity` call per image, no projectors.
+    """Matmul FLOPs (2 per multiply-add) of one `model.denoise` call per image, no projectors.
     T = (input_size / p)^2 tokens, D hidden, M = mlp_ratio D, C channels, L blocks:
     patch embed 2 T (C p^2) D; timestep MLP 2 (256 D + D^2); per block: adaLN 2 D (6D), qkv 2 T D (3D),
     attention 4 T^2 D (q k^T and p v), out proj 2 T D^2, MLP 4 T D M; final adaLN 2 D (2D) and linear
@@ -224,7 +224,7 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
     amp_dtype = torch.bfloat16 if ctx.dtype == torch.bfloat16 else None
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     row = {"status": None, "reason": None, "step_ms_cfg": None, "step_ms": None}
-    size, ch = model.x_embedder.grid_size * model.patch_size, model.in_channels
+    ch, size, _ = model.latent_shape
     from fastrepa.generation import STREAM_SDE
     from fastrepa.train.rng import index_generators
     gen = torch.Generator().manual_seed(0)
@@ -235,7 +235,7 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
         torch._dynamo.reset()
         velocity = compile_velocity(model, variant.compile_mode)
     else:
-        velocity = model.velocity
+        velocity = model.denoise
     skips0 = cudagraph_skips()
     cfg = PROTOCOL["cfg_scale"]
     # guided: interval [0, 1] covers every grid point; plain: an interval no grid point falls in

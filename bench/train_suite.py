@@ -1,24 +1,35 @@
-"""Train suite: images/s and MFU of one optimizer step of REPA, timed on the trainer's own step function
-(`fastrepa.train.step.TrainStep`, the code `train.py` runs), one process on one device.
+"""Train suite: images/s and MFU of one optimizer step of a method (REPA, SRA), timed on the trainer's own
+step function (`fastrepa.train.step.TrainStep`, the code `train.py` runs), one process on one device.
 
-A step is what the trainer does per step minus data loading: the frozen encoder's forward (no_grad, under
-the step's autocast), the SiT forward/backward of the REPA loss (denoising + 0.5 x alignment), the grad-norm
-clip, the host sync, AdamW and the EMA update, plus the next step's per-sample random draws (made before the
-sync, as in the trainer). Inputs are random uint8 images and SD-VAE-shaped latent moments already on the
-device; weights are random (the SiT's zero-initialised adaLN / final layers redrawn so every path carries
-signal; the encoder built with `random_init`, so no weight file is needed). Weights do not change speed.
+A step is what the trainer does per step minus data loading: the method's no-grad preparation (REPA: the
+frozen encoder's forward under the step's autocast), the SiT forward/backward of the method's loss (REPA:
+denoising + 0.5 x alignment; SRA: the same plus the EMA teacher's forward up to its block), the grad-norm
+clip, the host sync, AdamW and the EMA update, plus the next step's per-sample random draws (made before
+the sync, as in the trainer). Inputs are random uint8 images and SD-VAE-shaped latent moments already on
+the device; weights are random (the SiT's zero-initialised adaLN / final layers redrawn so every path
+carries signal; the encoder built with `random_init`, so no weight file is needed). Weights do not change
+speed.
 
 Variants (each measured in the same run, same weights and inputs):
-- eager:              the official-REPA-equivalent path: no compile, fused attention (sdpa) only, PyTorch
-                      reference ops, torch's default (foreach) AdamW;
+- eager:              REPA, no compile, fused attention (sdpa) only, PyTorch reference ops, torch's default
+                      (foreach) AdamW, in the run's precision (bf16 autocast on CUDA);
+- official:           the official REPA recipe: the same eager path under fp16 autocast with loss scaling
+                      (GradScaler), REPA's default `--mixed-precision fp16`, and the unfused (foreach) AdamW
+                      upstream builds; the baseline of the "x official" column. The step around it is
+                      still fastrepa's (foreach EMA, one host sync), not upstream's per-parameter EMA loop
+                      and per-step .item() logging, so the ratios to it are if anything too low;
 - eager+fused-adamw:  the same with AdamW(fused=True), fastrepa's replacement for apex's fused Adam;
 - compile:            every SiT block and the encoder compiled in place (as `--compile`), fused AdamW;
-- compile+triton:     the same with the Triton kernels (`--kernels triton`; CUDA only).
+- compile+triton:     the same with the Triton kernels (`--kernels triton`; CUDA only);
+- sra:                SRA (`--method sra`, official SiT blocks 8/20 on SiT-XL/2, cos loss) on the
+                      compile+triton path, the EMA teacher's blocks compiled too (CUDA only);
+- sra-eager:          SRA on the eager+fused-adamw path (runs everywhere).
 Per row: the median step time over the repeats (first call, which compiles, timed apart), images/s,
-TFLOP/s from the FLOP count of `fastrepa.train.flops` (3 x SiT forward + encoder forward per image), MFU
-against the device's data-sheet bf16 peak (CUDA; none on the CPU) and against this run's matmul probe,
-peak device memory (CUDA), and the loss of the first step (same weights and inputs: the variants must
-agree up to rounding).
+TFLOP/s from the method's FLOP count (`objective.train_flops`: REPA 3 x SiT forward + encoder forward per
+image; SRA 3 x (SiT forward + ap_head) + the teacher forward up to its block), MFU against the device's
+data-sheet bf16 peak (CUDA; none on the CPU) and against this run's matmul probe, peak device memory
+(CUDA), the loss of the first step (same weights and inputs: the variants of one method must agree up to
+rounding), and for SRA rows "x REPA": img/s over the REPA row of the same path and B (the teacher's cost).
 """
 import statistics
 import time
@@ -38,20 +49,33 @@ QUICK_ENCODER, QUICK_RESOLUTION = "patch-pixels", 64
 
 
 class Variant:
-    def __init__(self, name, kernels, compiled, fused_adamw, cuda_only=False):
+    def __init__(self, name, kernels, compiled, fused_adamw, cuda_only=False, mixed_precision=None, method="repa",
+                 repa_twin=None):
         self.name, self.kernels, self.compiled = name, kernels, compiled
         self.fused_adamw, self.cuda_only = fused_adamw, cuda_only
+        self.mixed_precision = mixed_precision  # None: the run's dtype (bf16 autocast on CUDA by default)
+        self.method, self.repa_twin = method, repa_twin  # repa_twin: the REPA variant of the same path
 
     def describe(self):
-        return (f"kernels={self.kernels}, " + ("per-block compile + compiled encoder" if self.compiled else "eager")
-                + f", AdamW({'fused=True' if self.fused_adamw else 'foreach (default)'})")
+        compiled = "per-block compile + " + ("compiled encoder" if self.method == "repa" else "compiled teacher blocks")
+        return (f"{self.method}, kernels={self.kernels}, " + (compiled if self.compiled else "eager")
+                + f", AdamW({'fused=True' if self.fused_adamw else 'foreach (default)'})"
+                + (f", {self.mixed_precision} autocast + GradScaler on CUDA" if self.mixed_precision == "fp16" else ""))
+
+    def precision(self, ctx):
+        """The TrainStep's mixed_precision for this variant in this run."""
+        return self.mixed_precision or ("bf16" if ctx.dtype == torch.bfloat16 else "no")
 
 
 VARIANTS = {v.name: v for v in [
     Variant("eager", "torch", compiled=False, fused_adamw=False),
+    Variant("official", "torch", compiled=False, fused_adamw=False, mixed_precision="fp16"),
     Variant("eager+fused-adamw", "torch", compiled=False, fused_adamw=True),
     Variant("compile", "torch", compiled=True, fused_adamw=True),
     Variant("compile+triton", "triton", compiled=True, fused_adamw=True, cuda_only=True),
+    Variant("sra", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="sra",
+            repa_twin="compile+triton"),
+    Variant("sra-eager", "torch", compiled=False, fused_adamw=True, method="sra", repa_twin="eager+fused-adamw"),
 ]}
 
 
@@ -119,48 +143,67 @@ def inputs(B, resolution, in_channels, latent, num_classes, device):
     return raw.to(device), torch.cat([mean, std], 1).to(device), labels.to(device)
 
 
+def sra_blocks(name, depth):
+    """SRA's (block_out_s, block_out_t): the official ones of the model when they fit its depth, else a
+    quarter and three quarters of it (the tiny --quick model: 1, 2)."""
+    from fastrepa.objectives.sra import default_blocks
+    s, t = default_blocks(name)
+    if t <= depth:
+        return s, t
+    return max(1, depth // 4), max(2, 3 * depth // 4)
+
+
 def make_step(ctx, variant, name, overrides, enc_type, resolution):
-    """The model, EMA, optimizer and encoder of one variant, wrapped in the trainer's TrainStep."""
-    from fastrepa.config import DataConfig, ObjectiveConfig
+    """The model, EMA, optimizer and objective of one variant (REPA: with its encoder), wrapped in the
+    trainer's TrainStep."""
     from fastrepa.encoders import load_encoder
-    from fastrepa.objectives.repa import label_dropout_prob
+    from fastrepa.models import model_kwargs
+    from fastrepa.objectives import REPA, SRA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.parallel import compile_blocks
     from fastrepa.train.step import TrainStep
 
     device = ctx.device
-    from fastrepa.models import model_kwargs
-    probe = model_kwargs(name, **overrides)
-    torch.manual_seed(1)  # the encoder's random weights, the same in every variant
-    encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
-                           random_init=True).to(device)
-    model, kw = build(name, {**overrides, "z_dims": [encoder.embed_dim]}, variant.kernels, device)
+    encoder = None
+    if variant.method == "repa":
+        probe = model_kwargs(name, **overrides)
+        torch.manual_seed(1)  # the encoder's random weights, the same in every variant
+        encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
+                               random_init=True).to(device)
+        options = {"z_dims": [encoder.embed_dim]}
+    else:
+        options = {"z_dims": [], "ap_head": True}
+    model, kw = build(name, {**overrides, **options}, variant.kernels, device)
     model.train()
     ema = make_ema(model)
-    if variant.compiled:
+    if variant.method == "repa":
+        objective = REPA(model, FlowMatching(), [encoder], encoder_names=[enc_type], resolution=resolution)
+    else:
+        s, t = sra_blocks(name, kw["depth"])
+        objective = SRA(model, FlowMatching(), block_out_s=s, block_out_t=t, resolution=resolution)
+    if variant.compiled:  # as train.py --compile: the blocks, the encoder, and a teacher's blocks
         compile_blocks(model)
-        encoder.compile()
+        if encoder is not None:
+            encoder.compile()
+        if objective.uses_teacher:
+            compile_blocks(ema)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0,
                             **({"fused": True} if variant.fused_adamw else {"foreach": True}))
-    objective = ObjectiveConfig(enc_type=enc_type)
-    step = TrainStep(model, ema, opt, [encoder], objective=objective, data=DataConfig(resolution=resolution),
-                     device=device, mixed_precision="bf16" if ctx.dtype == torch.bfloat16 else "no",
-                     drop_prob=label_dropout_prob(model))
-    return step, model, kw, encoder
+    step = TrainStep(model, ema, opt, objective, device=device, mixed_precision=variant.precision(ctx))
+    return step, model, kw, encoder, objective
 
 
 def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats, warmup):
-    from fastrepa.train.flops import peak_tflops, train_flops_per_image
+    from fastrepa.objectives import StepContext
+    from fastrepa.train.flops import peak_tflops
     from fastrepa.train.rng import draw_step
 
     device = ctx.device
-    step_fn, model, kw, encoder = make_step(ctx, variant, name, overrides, enc_type, resolution)
+    step_fn, model, kw, encoder, objective = make_step(ctx, variant, name, overrides, enc_type, resolution)
     latent = kw["input_size"]
     raw, moments, labels = inputs(B, resolution, kw["in_channels"], latent, kw["num_classes"], device)
-    shape = (kw["in_channels"], latent, latent)
-    obj = step_fn.objective
-    draw = lambda s: step_fn.to_device(draw_step(0, s, 0, B, shape, weighting=obj.weighting,  # noqa: E731
-                                                 path_type=obj.path_type, drop_prob=step_fn.drop_prob))
+    batch = {"image": raw, "moments": moments, "label": labels}
+    draw = lambda s: step_fn.to_device(draw_step(0, s, 0, B, objective.draw))  # noqa: E731
     state = {"step": 0, "draws": draw(0), "loss": None}
 
     def one_step():
@@ -168,11 +211,11 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
 
         def draw_next():
             state["next"] = draw(s + 1)
-        res = step_fn(raw, moments, labels, state["draws"], lr=1e-4, before_sync=draw_next)
+        res = step_fn(batch, state["draws"], lr=1e-4, ctx=StepContext(step=s), before_sync=draw_next)
         if not res.finite:
-            raise RuntimeError(f"step {s}: the loss is not finite ({float(res.losses[0])})")
+            raise RuntimeError(f"step {s}: the loss is not finite ({float(res.total)})")
         if state["loss"] is None:
-            state["loss"] = float(res.losses[0])
+            state["loss"] = float(res.total)
         state["step"], state["draws"] = s + 1, state.pop("next")
 
     if device.type == "cuda":
@@ -183,35 +226,43 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
     first_s = time.perf_counter() - t0
     times = time_calls(one_step, device, repeats, warmup)
     med = statistics.median(times)
-    flops = train_flops_per_image(model, [enc_type], resolution)
+    flops = objective.train_flops(model)
     peak = peak_tflops(device)
     tflops = B * flops / (med * 1e-3) / 1e12
-    row = {"status": "ok", "step_ms": med, "step_ms_min": min(times), "step_ms_max": max(times),
-           "first_call_s": round(first_s, 3), "images_per_s": B / (med * 1e-3), "flops_per_image": flops,
-           "TFLOP_per_s": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
-           "first_loss": state["loss"], "steps_run": state["step"],
+    row = {"status": "ok", "method": variant.method, "step_ms": med, "step_ms_min": min(times),
+           "step_ms_max": max(times), "first_call_s": round(first_s, 3), "images_per_s": B / (med * 1e-3),
+           "flops_per_image": flops, "TFLOP_per_s": tflops, "peak_tflops": peak,
+           "mfu": tflops / peak if peak else None, "first_loss": state["loss"], "steps_run": state["step"],
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "tokens": (latent // kw["patch_size"]) ** 2, "hidden_size": kw["hidden_size"], "depth": kw["depth"],
-           "encoder_tokens": encoder.num_tokens, "encoder_dim": encoder.embed_dim}
-    del step_fn, model, encoder
+           "encoder_tokens": encoder.num_tokens if encoder is not None else None,
+           "encoder_dim": encoder.embed_dim if encoder is not None else None,
+           "sra_blocks": [objective.s, objective.t] if variant.method == "sra" else None}
+    del step_fn, model, encoder, objective
     return row
 
 
 def add_metrics(rows, matmul_tflops):
-    eager = {r["B"]: r for r in rows if r["variant"] == "eager" and r["status"] == "ok"}
+    ok = {(r["variant"], r["B"]): r for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue
         r["pct_of_matmul_probe"] = 100 * r["TFLOP_per_s"] / matmul_tflops if matmul_tflops else None
-        e = eager.get(r["B"])
+        e, o = ok.get(("eager", r["B"])), ok.get(("official", r["B"]))
+        twin = ok.get((VARIANTS[r["variant"]].repa_twin, r["B"]))
         r["speedup_vs_eager"] = r["images_per_s"] / e["images_per_s"] if e and r["variant"] != "eager" else None
-        r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - e["first_loss"]) / abs(e["first_loss"])
-                                       if e else None)
+        r["speedup_vs_official"] = (r["images_per_s"] / o["images_per_s"]
+                                    if o and r["variant"] != "official" else None)
+        r["speedup_vs_repa"] = r["images_per_s"] / twin["images_per_s"] if twin else None
+        # the first loss is comparable within one method (the same weights, inputs and draws)
+        ref = e if r.get("method", "repa") == "repa" else ok.get(("sra-eager", r["B"]))
+        r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
+                                       if ref else None)
     return rows
 
 
 HEADERS = ["model", "B", "variant", "ms/step", "img/s", "TFLOP/s", "MFU % (peak)", "% matmul probe", "x eager",
-           "peak GiB", "first loss", "note"]
+           "x official", "x REPA", "peak GiB", "first loss", "note"]
 
 
 def table_rows(rows):
@@ -226,6 +277,7 @@ def table_rows(rows):
         out.append([r["model"], r["B"], r["variant"], fmt(r.get("step_ms"), ".4g"), num(r.get("images_per_s")),
                     num(r.get("TFLOP_per_s")), num(None if mfu is None else 100 * mfu),
                     num(r.get("pct_of_matmul_probe")), fmt(r.get("speedup_vs_eager"), ".2f"),
+                    fmt(r.get("speedup_vs_official"), ".2f"), fmt(r.get("speedup_vs_repa"), ".2f"),
                     fmt(r.get("peak_mem_gib"), ".1f"), fmt(r.get("first_loss"), ".5g"), note])
     return out
 
@@ -240,9 +292,11 @@ def run(args, ctx):
         variant = VARIANTS[vname]
         reason = skip_reason(ctx, variant)
         for B in batches:
-            row = {"model": label, "model_name": name, "encoder": enc, "resolution": resolution, "B": B,
+            row = {"model": label, "model_name": name, "encoder": enc if variant.method == "repa" else None,
+                   "method": variant.method, "resolution": resolution, "B": B,
                    "variant": vname, "impl": variant.describe(), "kernels": variant.kernels,
                    "compile": variant.compiled, "fused_adamw": variant.fused_adamw, "dtype": ctx.dtype_name,
+                   "autocast": variant.precision(ctx) if ctx.device.type == "cuda" else None,
                    "repeats": repeats, "warmup": warmup, "status": None, "reason": None}
             if reason:
                 row.update(status="skipped", reason=reason)
@@ -266,9 +320,11 @@ def run(args, ctx):
              "FSDP2 adds the all-gathers and reduce-scatters that overlap with compute."]
     if ctx.device.type != "cuda":
         notes.append("CPU: fp32, no autocast, no data-sheet peak (MFU % (peak) is empty); the compile+triton "
-                     "variant is not timed (needs CUDA).")
-    notes.append("first loss: the REPA loss of the first step, same weights and inputs in every variant; "
-                 "differences are rounding (compile fuses and reorders float ops).")
+                     "variant is not timed (needs CUDA); official runs as eager (fp16 autocast and loss scaling "
+                     "are CUDA-only).")
+    notes.append("first loss: the loss of the first step, same weights and inputs in every variant of a method; "
+                 "differences are rounding (compile fuses and reorders float ops). SRA rows have no encoder: "
+                 "the EMA teacher's forward up to block_out_t replaces it.")
     return {
         "reduced": reduced, "reduced_reason": reduced_reason, "batch_sizes": batches, "model": label,
         "model_name": name, "encoder": enc, "resolution": resolution, "model_overrides": overrides,
@@ -280,8 +336,11 @@ def run(args, ctx):
                          for v in VARIANTS.values() if v.name in names],
             "columns": ["- ms/step: median wall time of one optimizer step (encoder, forward, backward, clip, "
                         "sync, AdamW, EMA, next step's draws); first call timed apart.",
-                        "- TFLOP/s: B x FLOPs per trained image (3 x SiT forward + encoder forward, matmuls only) "
+                        "- TFLOP/s: B x FLOPs per trained image (REPA: 3 x SiT forward + encoder forward; SRA: "
+                        "3 x (SiT forward + ap_head) + teacher forward to its block; matmuls only) "
                         "/ step time; MFU % (peak): that / the device's data-sheet dense bf16 peak; % matmul "
                         "probe: that / this run's matmul probe.",
-                        "- x eager: img/s over the eager row of the same B."]},
+                        "- x eager, x official: img/s over the eager / official (REPA) row of the same B; x REPA "
+                        "(SRA rows): img/s over the REPA row of the same path (sra: compile+triton, sra-eager: "
+                        "eager+fused-adamw) and B."]},
     }

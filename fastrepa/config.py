@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.models import MODEL_NAMES, model_kwargs
-from fastrepa.objectives import PATH_TYPES, PREDICTIONS, WEIGHTINGS
+from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
+from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -26,9 +27,9 @@ PARALLELS = ("fsdp", "ddp", "none")
 VAES = ("ema", "mse", "identity")  # or a local diffusers AutoencoderKL folder / a cached HF repo id
 
 
-def flag(default, help: str, choices=None, **kw):
-    """A dataclass field that is also a CLI flag."""
-    meta = {"help": help}
+def flag(default, help: str, choices=None, aliases=(), **kw):
+    """A dataclass field that is also a CLI flag (`aliases`: other spellings of it, e.g. an upstream one)."""
+    meta = {"help": help, "aliases": tuple(aliases)}
     if choices is not None:
         meta["choices"] = choices
     if isinstance(default, list):
@@ -80,6 +81,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type) or sra "
+                               "(self-alignment to the EMA model, no encoder)", choices=tuple(METHODS))
     path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
     prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
     weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
@@ -89,6 +92,18 @@ class ObjectiveConfig:
                              "the default places, the torch hub cache or ckpts/ as official REPA names them)")
     cfg_prob: float = flag(0.1, "accepted for compatibility; as in official REPA it is unused "
                                 "(label dropout is the model's class_dropout_prob)")
+    # SRA (official SRA flag names)
+    block_out_s: int | None = flag(None, "SRA: student block (1-based) whose output goes through the alignment "
+                                         "head (default: 8 for SiT-XL / DiT-XL, else 4)")
+    block_out_t: int | None = flag(None, "SRA: EMA-teacher block (1-based) aligned to (default: 20 for SiT-XL, "
+                                         "16 for DiT-XL, else 8); the teacher runs only up to it")
+    t_max: float = flag(0.2, "SRA: the teacher's time is up to t_max less noisy than the student's, in (0, 1]")
+    align_loss: str | None = flag(None, "SRA alignment loss: cos (weight 0.5) or sml1 (smooth L1, beta 0.05, "
+                                        "official epoch schedule); default cos for SiT, sml1 for DiT (as official)",
+                                  choices=ALIGN_LOSSES, aliases=("--loss-type",))
+    align_cos_axis: str = flag("tokens", "SRA cos loss: cosine over the token axis (tokens: official SRA's "
+                                         "cosine_similarity(dim=1) on [N, T, D]) or per token over the features",
+                               choices=COS_AXES)
 
     def __post_init__(self):
         _need(self.path_type in PATH_TYPES, "path_type", self.path_type, f"one of {PATH_TYPES}")
@@ -98,11 +113,25 @@ class ObjectiveConfig:
         _need(bool(self.enc_type.strip()), "enc_type", self.enc_type, "an encoder name or 'none'")
         _need(not self.enc_path or len(self.enc_path.split(",")) == len(self.encoders), "enc_path", self.enc_path,
               f"one weight file per --enc-type encoder ({len(self.encoders)}: {self.enc_type}), comma-separated")
+        _need(self.method in METHODS, "method", self.method, f"one of {tuple(METHODS)}")
+        _need(0 < self.t_max <= 1, "t_max", self.t_max, "a number in (0, 1]")
+        _need(self.align_loss is None or self.align_loss in ALIGN_LOSSES, "align_loss", self.align_loss,
+              f"one of {ALIGN_LOSSES}")
+        _need(self.align_cos_axis in COS_AXES, "align_cos_axis", self.align_cos_axis, f"one of {COS_AXES}")
 
     @property
     def encoders(self) -> list[str]:
+        """The frozen encoders the method aligns to (SRA aligns to the model itself: none)."""
         names = [e.strip() for e in self.enc_type.split(",") if e.strip()]
-        return [] if names == ["none"] else names
+        return [] if names == ["none"] or self.method == "sra" else names
+
+    def sra_blocks(self, model_name: str) -> tuple[int, int]:
+        """(block_out_s, block_out_t) with the official per-model defaults for those not given."""
+        s, t = default_blocks(model_name)
+        return (s if self.block_out_s is None else self.block_out_s, t if self.block_out_t is None else self.block_out_t)
+
+    def sra_align_loss(self, model_name: str) -> str:
+        return self.align_loss or ("sml1" if model_name.startswith("DiT-") else "cos")
 
 
 @dataclass
@@ -214,10 +243,16 @@ class TrainConfig:
               self.data.resolution, "a multiple of 8 (the SD-VAE factor) unless --input-size is given")
         # The model options are checked here, before any data or weights are touched.
         try:
-            model_kwargs(self.model.model, z_dims=[1] if self.objective.encoders else [], **self.model_overrides())
+            kw = model_kwargs(self.model.model, **self.model_overrides(),
+                              **method_model_options(self, [1] * len(self.objective.encoders)))
         except ValueError as e:
             flags = re.findall(r"\b([a-z_]+)=", str(e))
             raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in flags) or '--model'}: {e}") from None
+        if self.objective.method == "sra":
+            try:
+                check_sra(*self.objective.sra_blocks(self.model.model), self.objective.t_max, kw["depth"])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def model_overrides(self) -> dict:
         """Constructor arguments for `build_model(self.model.model, **...)` (z_dims is the caller's)."""
@@ -271,13 +306,15 @@ def _parse_type(f):
 def add_flags(parser: argparse.ArgumentParser) -> None:
     for name, f, _ in _flat_fields():
         kind, fn = _parse_type(f)
-        opt = "--" + name.replace("_", "-")
+        opts = ["--" + name.replace("_", "-"), *f.metadata.get("aliases", ())]
         meta = dict(f.metadata)
         # Defaults stay None on the parser so presets and dataclass defaults can tell "not given".
         if kind == "bool":
-            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            parser.add_argument(*opts, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=meta["help"])
         else:
-            parser.add_argument(opt, type=fn, default=None, help=meta["help"], choices=meta.get("choices"))
+            parser.add_argument(*opts, dest=name, type=fn, default=None, help=meta["help"],
+                                choices=meta.get("choices"))
 
 
 def build_parser(description: str = "fastrepa training") -> argparse.ArgumentParser:

@@ -1,6 +1,12 @@
 """Sampling from a checkpoint: build the model the checkpoint describes, draw per-index noise and labels,
 run a sampler, decode, and write PNGs and the ADM-style .npz (arr_0 uint8 [N, H, W, 3]).
 
+The sampler follows the backbone's prediction (`sample_latents`): a velocity model (SiT) samples with the
+official REPA samplers (Euler / Heun ODE, Euler-Maruyama SDE, CFG on a guidance interval); an epsilon model
+with learned sigma (DiT) with DDPM ancestral sampling respaced to `num_steps` (DiT's sample_ddp.py:
+--num-sampling-steps 250) and DiT's CFG (guidance on the first 3 latent channels by default, the
+learned variance from the conditional half; fastrepa.gaussian_diffusion).
+
 Sample i's initial noise and class label come from a generator seeded by (seed, STREAM_INIT, i), and
 the SDE's per-step noise of sample i from its own generator seeded by (seed, STREAM_SDE, i), so sample
 i is the same whatever the batch size, the batch it falls in, the number of processes and the resume
@@ -19,13 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastrepa.checkpoint import load_checkpoint_file, load_weights, normalize_keys, select_weights
-from fastrepa.models import OVERRIDES, build_model
+from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
+from fastrepa.models import OVERRIDES, build_model, family_of
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 from fastrepa.train.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
 
-MODES = ("ode", "sde")
+MODES = ("ode", "sde", "ddpm")
+MODES_OF = {"velocity": ("ode", "sde"), "epsilon": ("ddpm",)}  # model.prediction -> its sampling modes
 # The per-sample streams: step_seed(seed, stream, sample index). Stream 1 was the per-batch SDE noise of
 # earlier versions (samples depended on the batch size); it is not reused.
 STREAM_INIT, STREAM_SDE = 0, 2
@@ -50,7 +57,7 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     args = dict(ckpt.get("args") or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    name = overrides.pop("model", None) or args.get("model") or "SiT-XL/2"
+    name = overrides.pop("model", None) or args.get("model")
     # The attention backend and the fused-op implementation are this machine's choice (overrides), not
     # the training run's.
     kw = {k: args[k] for k in OVERRIDES if k not in ("attn_backend", "kernels") and args.get(k) is not None}
@@ -58,13 +65,80 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
         kw["input_size"] = int(args["resolution"]) // 8
     kw.update(overrides)
     sd = normalize_keys(select_weights(ckpt, weights, source=path), kw.get("encoder_depth", 8))
+    name = check_family(name, sd, path)
     z_dims, hidden = projector_dims(sd)
     kw["z_dims"] = z_dims
     if hidden is not None:
         kw["projector_dim"] = hidden
+    kw["ap_head"] = any(k.startswith("ap_head.") for k in sd)  # an SRA checkpoint's training-only head
     model = build_model(name, **kw)
     load_weights(model, sd, source=f"{path} [{weights}]")
     return model.eval(), args
+
+
+def learns_sigma(state_dict: dict) -> bool | None:
+    """Whether the weights' final layer outputs 2C channels (DiT's learned sigma) rather than C (SiT); None
+    when the keys do not tell."""
+    w, emb = state_dict.get("final_layer.linear.weight"), state_dict.get("x_embedder.proj.weight")
+    if w is None or emb is None:
+        return None
+    channels, patch = emb.shape[1], emb.shape[-1]
+    return w.shape[0] == 2 * channels * patch * patch
+
+
+def check_family(name: str | None, state_dict: dict, path: str) -> str:
+    """The registry name to build: `name` (--model or the checkpoint's args) checked against what the weights
+    are (a learned-sigma final layer is a DiT, a plain one a SiT); without a name, SiT-XL/2 or DiT-XL/2 by
+    the weights (an official DiT-XL-2-256x256.pt is a bare state dict without args)."""
+    dit = learns_sigma(state_dict)
+    if name is None:
+        return "DiT-XL/2" if dit else "SiT-XL/2"
+    family = family_of(name)
+    if dit is not None and dit != (family == "DiT"):
+        what = "a DiT (its final layer predicts eps and the variance: 2C channels)" if dit else \
+            "a SiT (its final layer predicts C channels)"
+        raise CheckpointError(f"{path} holds {what}, but the model is {name}: pass --model "
+                              f"{'DiT' if dit else 'SiT'}-{name.split('-', 1)[1]} (or leave --model out)")
+    return name
+
+
+def default_mode(model) -> str:
+    """The sampling mode of a backbone when none is asked: REPA's default ODE for SiT, DDPM for DiT."""
+    return MODES_OF[model.prediction][0]
+
+
+def check_mode(model, mode: str) -> None:
+    """ValueError naming --mode unless `mode` samples this backbone's prediction."""
+    allowed = MODES_OF.get(model.prediction, ())
+    if mode not in allowed:
+        raise ValueError(f"--mode {mode}: a model that predicts {model.prediction!r} samples with --mode "
+                         f"{' / '.join(allowed)}")
+
+
+def sample_latents(model, z, y, *, mode: str = "ode", num_steps: int = 50, cfg_scale: float = 1.0,
+                   guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False,
+                   path_type: str = "linear", generators=None, denoise=None, guided_channels: int | None = 3):
+    """Latents from initial noise z [N, C, H, W] and labels y [N] with the backbone's sampler (module
+    docstring). `denoise` replaces `model.denoise` (e.g. its compiled version); `generators` (one per row)
+    give the SDE's / DDPM's per-step noise. DDPM: `num_steps` respaced steps of the 1000 (DiT: 250), CFG
+    when cfg_scale > 1 on `guided_channels` eps channels (3: DiT's; None: all), on every step (the guidance
+    interval is a flow-sampler option)."""
+    check_mode(model, mode)
+    denoise = denoise or model.denoise
+    if mode == "ddpm":
+        from fastrepa.gaussian_diffusion import cfg_model_fn, create_diffusion
+        diffusion = create_diffusion(str(num_steps))
+        if cfg_scale > 1.0:
+            fn = cfg_model_fn(denoise, y, cfg_scale, model.null_class, guided_channels=guided_channels)
+        else:
+            def fn(x, t):
+                return denoise(x, t, y)
+        return diffusion.p_sample_loop(fn, z, generators=generators)
+    kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low,
+                  guidance_high=guidance_high, path_type=path_type, null_class=model.null_class)
+    if mode == "ode":
+        return euler_sampler(denoise, z, y, heun=heun, **kwargs)
+    return euler_maruyama_sampler(denoise, z, y, generator=generators, **kwargs)
 
 
 def noise_and_labels(indices, shape, num_classes: int, seed: int, device):
@@ -94,14 +168,16 @@ def rank_batches(plan, rank: int, world_size: int):
 def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str = "ode", num_steps: int = 50,
                  cfg_scale: float = 1.5, guidance_low: float = 0.0, guidance_high: float = 1.0,
                  heun: bool = False, path_type: str = "linear", seed: int = 0, latents_scale: float = 0.18215,
-                 latents_bias: float = 0.0, device=None, velocity=None, autocast_dtype=None) -> torch.Tensor:
+                 latents_bias: float = 0.0, device=None, velocity=None, autocast_dtype=None,
+                 guided_channels: int | None = 3) -> torch.Tensor:
     """uint8 images [end - start, H, W, 3] of sample indices start..end-1.
 
     The batch always holds `batch_size` indices (start..start+batch_size-1): a short last batch is
     over-sampled with the following indices (each with its own seeded noise and label, so nothing is
     biased) and truncated, as REPA does; the shapes stay static for torch.compile. `velocity` replaces
-    `model.velocity` (e.g. its torch.compile'd version); `autocast_dtype` (e.g. torch.bfloat16) runs the
-    model and the VAE decode under autocast on the device.
+    `model.denoise` (e.g. its torch.compile'd version); `autocast_dtype` (e.g. torch.bfloat16) runs the
+    model and the VAE decode under autocast on the device. Sample i's SDE / DDPM step noise comes from its
+    own generator (seed, STREAM_SDE, i).
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
@@ -109,20 +185,15 @@ def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str
         raise ValueError(f"batch [{start}, {end}) does not fit batch_size={batch_size}")
     device = device or next(model.parameters()).device
     device = torch.device(device)
-    velocity = velocity or model.velocity
-    size, ch = model.x_embedder.grid_size * model.patch_size, model.in_channels
     dtype = next(model.parameters()).dtype
-    z, y = noise_and_labels(range(start, start + batch_size), (ch, size, size), model.num_classes, seed, device)
-    kwargs = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low,
-                  guidance_high=guidance_high, path_type=path_type, null_class=model.num_classes)
+    z, y = noise_and_labels(range(start, start + batch_size), model.latent_shape, model.num_classes, seed, device)
+    gens = index_generators(seed, STREAM_SDE, range(start, start + batch_size)) if mode != "ode" else None
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
-        if mode == "ode":
-            x = euler_sampler(velocity, z.to(dtype), y, heun=heun, **kwargs)
-        else:
-            gens = index_generators(seed, STREAM_SDE, range(start, start + batch_size))  # one per sample
-            x = euler_maruyama_sampler(velocity, z.to(dtype), y, generator=gens, **kwargs)
+        x = sample_latents(model, z.to(dtype), y, mode=mode, num_steps=num_steps, cfg_scale=cfg_scale,
+                           guidance_low=guidance_low, guidance_high=guidance_high, heun=heun, path_type=path_type,
+                           generators=gens, denoise=velocity, guided_channels=guided_channels)
         images = decode_to_uint8(vae, x[: end - start].float(), latents_scale, latents_bias)
     return images
 
@@ -153,13 +224,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_velocity(model, mode: str = "default"):
-    """torch.compile(model.velocity, mode=mode, dynamic=False), as generate.py samples with it
+    """torch.compile(model.denoise, mode=mode, dynamic=False), as generate.py samples with it
     (reduce-overhead: CUDA graphs). The sampler calls the model at two batch sizes, B outside the
     guidance interval and 2B inside it (CFG): static shapes give each its own graph (and CUDA graph)
     instead of a dynamic-shape recompile once the second size is seen."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
-    return torch.compile(model.velocity, mode=None if mode == "default" else mode, dynamic=False)
+    return torch.compile(model.denoise, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def cudagraph_skips() -> int:

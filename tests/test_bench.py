@@ -241,7 +241,7 @@ def test_cudagraph_skips_count_graphs_run_without_cuda_graphs():
     from fastrepa.generation import compile_velocity, cudagraph_skips
 
     class Scale(torch.nn.Module):
-        def velocity(self, x, t, y):
+        def denoise(self, x, t, y):  # the backbone interface generate.py compiles
             return x * t[:, None, None, None] + y[:, None, None, None]
 
     torch._dynamo.reset()

@@ -53,6 +53,17 @@ def test_quick_train_suite_rows(quick):
     assert rows["compile"]["loss_rel_diff_vs_eager"] < 1e-4
     assert rows["compile"]["speedup_vs_eager"] == pytest.approx(rows["compile"]["images_per_s"] / e["images_per_s"])
     assert rows["compile+triton"]["status"] == "skipped" and "needs CUDA" in rows["compile+triton"]["reason"]
+    # SRA: no encoder; 3 x (SiT forward + ap_head) + the teacher's forward up to its block (1, 2 of depth 2)
+    with torch.device("meta"):
+        sra_model = build_model("SiT-S/2", z_dims=[], ap_head=True, **ts.QUICK_OVERRIDES)
+    r = rows["sra-eager"]
+    assert r["status"] == "ok" and r["method"] == "sra" and r["encoder"] is None and r["sra_blocks"] == [1, 2]
+    assert r["flops_per_image"] == 3 * (sra_model.forward_flops() + sra_model.head_flops()) + \
+        sra_model.forward_flops(2)
+    assert r["steps_run"] == 1 + r["warmup"] + r["repeats"]
+    assert r["speedup_vs_repa"] == pytest.approx(r["images_per_s"] / rows["eager+fused-adamw"]["images_per_s"])
+    assert r["first_loss"] != e["first_loss"]  # another method's loss, not a REPA row relabelled
+    assert rows["sra"]["status"] == "skipped" and rows["sra"]["method"] == "sra"
     assert "## suite `train`" in md and "eager+fused-adamw" in md
 
 

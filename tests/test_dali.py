@@ -35,7 +35,8 @@ def packs(tmp_path_factory):
 def assert_same_batches(a, b):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
-        for u, v in zip(x, y):
+        assert list(x) == list(y) == ["image", "moments", "label"]
+        for u, v in zip(x.values(), y.values()):
             assert u.dtype == v.dtype and u.shape == v.shape and u.device == v.device
             assert torch.equal(u, v)
 
@@ -48,7 +49,7 @@ def test_dali_cpu_equals_torch_loader(packs, fmt):
         torch_batches = list(build_loader(ds, sampler()))
         dali_batches = list(DALILoader(ds, sampler(), device="cpu", num_threads=2))
         assert_same_batches(torch_batches, dali_batches)
-        images, moments, labels = dali_batches[0]
+        images, moments, labels = dali_batches[0].values()
         assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
         assert moments.dtype == torch.float32 and labels.dtype == torch.int64
         assert labels.tolist() == ds.labels[sampler().batch(0)].tolist()
@@ -79,7 +80,7 @@ def test_dali_gpu_matches_torch_loader(packs, fmt):
     ref = list(build_loader(ds, sampler()))
     got = list(DALILoader(ds, sampler(), device="cuda"))
     assert len(ref) == len(got)
-    for (ri, rm, rl), (gi, gm, gl) in zip(ref, got):
+    for (ri, rm, rl), (gi, gm, gl) in ((r.values(), g.values()) for r, g in zip(ref, got)):
         assert gi.is_cuda and gm.is_cuda and gl.is_cuda
         assert torch.equal(rm, gm.cpu()) and torch.equal(rl, gl.cpu())
         if fmt == "raw":

@@ -119,7 +119,8 @@ def test_torch_loader_batches_packed_equal_official(packs):
     b = list(build_loader(open_dataset(packs["raw"]), sampler(), num_workers=2))  # workers reopen the maps
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
-        assert x[0].shape == (4, 3, 32, 32) and all(torch.equal(u, v) for u, v in zip(x, y))
+        assert list(x) == list(y) == ["image", "moments", "label"]
+        assert x["image"].shape == (4, 3, 32, 32) and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_pickled_dataset_carries_no_arrays(packs):

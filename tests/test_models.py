@@ -152,7 +152,7 @@ def plain_sit_forward(m, x, t, y, qk_norm=False):
     out = F.linear(ln(h) * (1 + scale[:, None]) + shift[:, None], sd["final_layer.linear.weight"],
                    sd["final_layer.linear.bias"])
     g = int(T ** 0.5)
-    C = m.in_channels
+    C = out.shape[-1] // (p * p)  # the latent channels (SiT), twice that with a learned sigma (DiT)
     out = out.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, g * p, g * p)
     return out, zs
 

@@ -229,28 +229,26 @@ def test_an_infinite_gradient_with_a_finite_loss_changes_nothing():
     """The finite check covers the grad norm too: a finite loss whose gradient overflows leaves the weights,
     the EMA and the optimizer state exactly as they were, and the next clean step trains normally."""
     from conftest import tiny_model
-    from fastrepa.config import DataConfig, ObjectiveConfig
+    from fastrepa.objectives import REPA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.rng import draw_step
     from fastrepa.train.step import TrainStep
     model = tiny_model(z_dims=[])
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    step = TrainStep(model, ema, opt, [], objective=ObjectiveConfig(enc_type="none"), data=DataConfig(),
-                     device=torch.device("cpu"))
-    moments = torch.randn(4, 8, 8, 8)
-    labels = torch.arange(4)
+    objective = REPA(model, FlowMatching())
+    step = TrainStep(model, ema, opt, objective, device=torch.device("cpu"))
+    batch = {"image": None, "moments": torch.randn(4, 8, 8, 8), "label": torch.arange(4)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hook = model.final_layer.linear.weight.register_hook(lambda g: g * float("inf"))
-    res = step(None, moments, labels, draw_step(0, 0, 0, 4, (4, 8, 8), weighting="uniform", path_type="linear",
-                                                drop_prob=0.1), lr=1e-3)
-    assert not res.finite and torch.isfinite(res.losses).all() and not torch.isfinite(res.grad_norm)
+    res = step(batch, draw_step(0, 0, 0, 4, objective.draw), lr=1e-3)
+    assert not res.finite and torch.isfinite(res.total) and not torch.isfinite(res.grad_norm)
+    assert all(torch.isfinite(v) for v in res.terms.values())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
     assert not opt.state and all(p.grad is None for p in model.parameters())
     hook.remove()
-    res = step(None, moments, labels, draw_step(0, 1, 0, 4, (4, 8, 8), weighting="uniform", path_type="linear",
-                                                drop_prob=0.1), lr=1e-3)
+    res = step(batch, draw_step(0, 1, 0, 4, objective.draw), lr=1e-3)
     assert res.finite and len(opt.state) > 0
     assert not torch.equal(model.final_layer.linear.weight, before["final_layer.linear.weight"])
 
@@ -351,8 +349,8 @@ def test_a_cuda_step_syncs_the_host_once():
     import warnings
 
     from conftest import tiny_model
-    from fastrepa.config import DataConfig, ObjectiveConfig
     from fastrepa.encoders import load_encoder
+    from fastrepa.objectives import REPA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.rng import draw_step
     from fastrepa.train.step import TrainStep
@@ -360,19 +358,18 @@ def test_a_cuda_step_syncs_the_host_once():
     model = tiny_model(z_dims=[48], in_channels=3).to(dev)
     enc = load_encoder("patch-pixels", resolution=16, grid=4).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    step = TrainStep(model, make_ema(model), opt, [enc], objective=ObjectiveConfig(enc_type="patch-pixels"),
-                     data=DataConfig(), device=dev, drop_prob=0.1)
-    raw = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, device=dev)
-    moments, labels = torch.randn(4, 6, 8, 8, device=dev), torch.arange(4, device=dev)
+    objective = REPA(model, FlowMatching(), [enc], encoder_names=["patch-pixels"], resolution=16)
+    step = TrainStep(model, make_ema(model), opt, objective, device=dev)
+    batch = {"image": torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, device=dev),
+             "moments": torch.randn(4, 6, 8, 8, device=dev), "label": torch.arange(4, device=dev)}
     for s in range(3):
-        draws = step.to_device(draw_step(0, s, 0, 4, (3, 8, 8), weighting="uniform", path_type="linear",
-                                         drop_prob=0.1))
+        draws = step.to_device(draw_step(0, s, 0, 4, objective.draw))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = step(raw, moments, labels, draws, lr=1e-3)
+                res = step(batch, draws, lr=1e-3)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]

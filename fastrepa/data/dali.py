@@ -1,7 +1,7 @@
 """A NVIDIA DALI loader for the packed layout: the torch loader's batches, decoded by DALI.
 
     loader = DALILoader(open_dataset("data/imagenet256-packed"), StepSampler(...), device="cuda")
-    for images, moments, labels in loader: ...   # uint8 [B, 3, H, W], float32 [B, 2C, h, w], int64 [B]
+    for batch in loader: ...   # {"image": uint8 [B, 3, H, W], "moments": float32 [B, 2C, h, w], "label": int64 [B]}
 
 Order: the batches are exactly those of the StepSampler given (per-rank slice of the global batch, epoch
 permutation from (seed, epoch), start at any step), fed to DALI through external_source; DALI only
@@ -18,6 +18,8 @@ loader is built, so importing fastrepa.data never needs it.
 """
 import numpy as np
 import torch
+
+from fastrepa.data.loader import as_batch
 
 INSTALL_HINT = "pip install fastrepa[dali]  (the PyPI package nvidia-dali-cuda130)"
 
@@ -149,8 +151,7 @@ class DALILoader:
                 outputs = pipe.run()
             except StopIteration:
                 return
-            images, moments, labels = (self._to_torch(o) for o in outputs)
-            yield images, moments, labels
+            yield as_batch(*(self._to_torch(o) for o in outputs))
 
     def __len__(self):
         return len(self.sampler)

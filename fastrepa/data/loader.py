@@ -84,9 +84,33 @@ def check_labels(dataset, num_classes: int, flag: str = "--num-classes") -> None
                          f"the dataset")
 
 
+FIELDS = ("image", "moments", "label")  # the image datasets' samples, in their tuple order
+
+
+def as_batch(*tensors) -> dict:
+    """A batch of the image datasets as the trainer takes it: {"image": uint8 [B, 3, H, W], "moments":
+    [B, 2C, h, w], "label": int64 [B]}. Other data (captions, PDE fields) adds keys, not positions."""
+    return dict(zip(FIELDS, tensors, strict=True))
+
+
+class DictLoader:
+    """A torch DataLoader whose tuple batches are given as dicts (`as_batch`)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for tensors in self.loader:
+            yield as_batch(*tensors)
+
+    def __len__(self):
+        return len(self.loader)
+
+
 def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory: bool = False, *,
                  backend: str = "torch", device=None):
-    """Batches (images uint8 [B, 3, H, W], moments [B, 2C, h, w], labels int64 [B]) in the sampler's order.
+    """Batches as dicts (`as_batch`: image uint8 [B, 3, H, W], moments [B, 2C, h, w], label int64 [B]) in the
+    sampler's order.
 
     backend "torch": a DataLoader with `num_workers` processes. backend "dali": fastrepa.data.dali.DALILoader
     (packed datasets only) with `num_workers` CPU threads, decoding on `device` (a CUDA device: the GPU,
@@ -96,5 +120,5 @@ def build_loader(dataset, sampler: StepSampler, num_workers: int = 0, pin_memory
         return DALILoader(dataset, sampler, device=device, num_threads=max(num_workers, 1))
     if backend != "torch":
         raise ValueError(f"data loader backend {backend!r}: expected 'torch' or 'dali'")
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+    return DictLoader(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=num_workers > 0))

@@ -1,32 +1,65 @@
-"""Model registry: `build_model("SiT-XL/2", **overrides)` with the official REPA constructor names."""
+"""Backbone registry: `build_model("SiT-XL/2", **overrides)`, `build_model("DiT-XL/2", ...)`, with the official
+constructor names.
+
+A backbone family is a name prefix, a model class and its defaults (`FAMILIES`). Every model class offers
+the same interface, so nothing outside fastrepa/models touches a block's attributes:
+
+    model.latent_shape            (C, H, W) of the latents it denoises
+    model.token_grid              (grid_h, grid_w) of its patch tokens
+    model.prediction              what forward() predicts: "velocity" (SiT) or "epsilon" (DiT: eps and the
+                                  learned-range variance values, 2C channels)
+    model.null_class              the label index of the unconditional class (CFG, label dropout)
+    model.label_dropout_prob      its label dropout probability (training)
+    model(x, t, y, ...)           (output, projector outputs[, head output]) for training
+    model.denoise(x, t, y)        the output alone, what the samplers call
+    model.hidden_states(x, t, y, depths)   raw hidden states after the given blocks; later blocks never run
+    model.fsdp_units()            the modules wrapped one by one (FSDP2, per-unit compile, checkpointing)
+    model.forward_flops(depth)    matmul FLOPs of one forward of one sample (up to block `depth`)
+"""
 from torch import nn
 
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
+from fastrepa.models.dit import DiT
 from fastrepa.models.sit import SiT
 
-# size -> (depth, hidden_size, num_heads). S is fixed here: upstream its width silently defaults to 768.
+# size -> (depth, hidden_size, num_heads), shared by SiT and DiT. S is fixed here: upstream SiT's width
+# silently defaults to 768.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCHES = (2, 4, 8)
-MODEL_NAMES = tuple(f"SiT-{s}/{p}" for s in SIZES for p in PATCHES)
+
+# family prefix -> (class, the defaults that differ between families). SiT's official REPA defaults align
+# one projector (DINOv2-B, 768) after block 8; DiT (facebookresearch/DiT) has no projector and learns sigma.
+FAMILIES = {
+    "SiT": (SiT, dict(z_dims=[768])),
+    "DiT": (DiT, dict(z_dims=[])),
+}
+MODEL_NAMES = tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in PATCHES)
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
-             "attn_backend", "kernels", "rope")
+             "attn_backend", "kernels", "rope", "ap_head")
+
+
+def family_of(name: str) -> str:
+    """The family prefix of a registry name ("SiT-XL/2" -> "SiT"); unknown names fail naming the known ones."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return name.split("-", 1)[0]
 
 
 def model_kwargs(name: str, **overrides) -> dict:
     """The full, validated constructor arguments of `name` with `overrides` applied."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    family = family_of(name)
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; allowed: {', '.join(OVERRIDES)}")
-    size, patch = name[len("SiT-"):].split("/")
+    size, patch = name[len(family) + 1:].split("/")
     depth, hidden, heads = SIZES[size]
     kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
-              num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=[768],
-              encoder_depth=8, projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False)
+              num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
+              projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False, ap_head=False,
+              **FAMILIES[family][1])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["z_dims"] = [int(z) for z in kw["z_dims"]]
     validate_model_kwargs(kw)
@@ -60,7 +93,7 @@ def validate_model_kwargs(kw: dict) -> None:
 
 
 def unwrap(model):
-    """The module behind `model`: a bound method's owner (`model.velocity`), DDP `.module`, torch.compile
+    """The module behind `model`: a bound method's owner (`model.denoise`), DDP `.module`, torch.compile
     `_orig_mod`, so attributes such as num_classes are found whatever wraps the model."""
     model = getattr(model, "__self__", model)
     for _ in range(4):
@@ -74,8 +107,9 @@ def unwrap(model):
 
 
 def build_model(name: str, **overrides) -> SiT:
-    """Build a SiT by registry name; overrides use the official REPA SiT constructor names."""
-    return SiT(**model_kwargs(name, **overrides))
+    """Build a backbone by registry name; overrides use the official constructor names."""
+    return FAMILIES[family_of(name)][0](**model_kwargs(name, **overrides))
 
 
-__all__ = ["MODEL_NAMES", "OVERRIDES", "SIZES", "SiT", "build_model", "model_kwargs", "unwrap"]
+__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "SIZES", "DiT", "SiT", "build_model", "family_of",
+           "model_kwargs", "unwrap"]

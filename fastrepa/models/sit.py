@@ -116,17 +116,39 @@ class Projector(nn.Sequential):
                            self[4].weight, self[4].bias, impl=self.kernels)
 
 
+class APHead(nn.Module):
+    """SRA's alignment head on the student's hidden state (official `SimpleHead`, keys `ap_head.linear1/2`):
+    Linear(D, 2D) - SiLU - Linear(2D, D). Used in training only; the samplers never run it."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, 2 * hidden_size)
+        self.linear2 = nn.Linear(2 * hidden_size, hidden_size)
+
+    def forward(self, x):
+        return self.linear2(nn.functional.silu(self.linear1(x)))
+
+
 class SiT(nn.Module):
-    """Scalable Interpolant Transformer with REPA projectors after block `encoder_depth` (1-based)."""
+    """Scalable Interpolant Transformer with REPA projectors after block `encoder_depth` (1-based) and, with
+    `ap_head=True`, SRA's alignment head (applied after the block the caller names, `head_depth`).
+
+    The backbone interface (fastrepa.models): latent_shape, token_grid, prediction, null_class,
+    label_dropout_prob, forward / denoise / hidden_states, fsdp_units, forward_flops."""
+
+    prediction = "velocity"  # what forward() predicts (DiT: "epsilon", with the learned variance)
+    learn_sigma = False  # DiT: the final layer also outputs the variance values (2C channels)
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, z_dims=(768,), encoder_depth: int = 8, projector_dim: int = 2048,
-                 qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False):
+                 qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False,
+                 ap_head: bool = False):
         super().__init__()
         self.kernels = kernels
         self.in_channels = in_channels
-        self.out_channels = in_channels
+        self.out_channels = in_channels * (2 if self.learn_sigma else 1)
+        self.hidden_size = hidden_size
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
@@ -143,6 +165,8 @@ class SiT(nn.Module):
             [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend, kernels,
                       rope_grid=(grid, grid) if rope else None) for _ in range(depth)])
         self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z, kernels) for z in self.z_dims])
+        if ap_head:
+            self.ap_head = APHead(hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels)
         self.initialize_weights()
 
@@ -174,6 +198,58 @@ class SiT(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    # ---------------------------------------------------------------- the backbone interface
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return (self.x_embedder.grid_size, self.x_embedder.grid_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.x_embedder.grid_size * self.patch_size
+        return (self.in_channels, size, size)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def label_dropout_prob(self) -> float:
+        return float(self.y_embedder.dropout_prob or 0.0)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules sharded (FSDP2), compiled and checkpointed one by one: the blocks."""
+        return list(self.blocks)
+
+    def forward_flops(self, depth: int | None = None) -> int:
+        """2 x the multiply-accumulates of the matmuls of one forward of one sample (linear layers, patch
+        embedding, attention scores and attention-weighted values; not norms, softmax, elementwise).
+        depth=None: the whole model with its projectors (not the training-only SRA head); depth=k: the
+        embedders and blocks 1..k only (what `hidden_states` runs)."""
+        d, t = self.hidden_size, self.pos_embed.shape[1]
+        p, c = self.patch_size, self.in_channels
+        macs = t * c * p * p * d  # patch embedding
+        macs += sum(m.in_features * m.out_features for m in self.t_embedder.modules() if isinstance(m, nn.Linear))
+        for block in self.blocks[:self.depth if depth is None else depth]:
+            mlp_hidden = block.mlp.fc1.out_features
+            macs += d * 6 * d  # adaLN (per image, not per token)
+            macs += t * (3 * d * d + d * d + 2 * d * mlp_hidden)  # qkv, proj, fc1, fc2
+            macs += 2 * t * t * d  # q k^T and attn @ v
+        if depth is None:
+            macs += d * 2 * d + t * d * self.final_layer.linear.out_features
+            for proj in self.projectors:
+                macs += t * sum(m.in_features * m.out_features for m in proj if isinstance(m, nn.Linear))
+        return 2 * macs
+
+    def head_flops(self) -> int:
+        """FLOPs of the SRA head on one sample's tokens (0 without one)."""
+        head = getattr(self, "ap_head", None)
+        if head is None:
+            return 0
+        t = self.pos_embed.shape[1]
+        return 2 * t * (head.linear1.in_features * head.linear1.out_features
+                        + head.linear2.in_features * head.linear2.out_features)
+
     def unpatchify(self, x):
         c, p = self.out_channels, self.patch_size
         h = w = int(x.shape[1] ** 0.5)
@@ -187,25 +263,39 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         return tokens, c
 
-    def forward(self, x, t, y, force_drop_ids=None, return_zs: bool = True):
-        """x [N, C, H, W], t [N], y [N] -> (velocity [N, C, H, W], zs), zs one [N, T, z_dim] per projector.
+    def forward(self, x, t, y, force_drop_ids=None, return_zs: bool = True, head_depth: int | None = None):
+        """x [N, C, H, W], t [N], y [N] -> (output [N, out_channels, H, W], zs), zs one [N, T, z_dim] per
+        projector; with `head_depth` = k (1-based; a model built with ap_head=True) also the SRA head of the
+        hidden state after block k: (output, zs, ap_head(h_k)).
 
         `force_drop_ids` (1 = replace the label by the null class) overrides the model's own random
         label dropout, so a caller can draw it from a seeded generator. With return_zs=False the
         projectors are skipped and only the output is returned (sampling).
         """
+        if head_depth is not None and not 1 <= head_depth <= self.depth:
+            raise ValueError(f"head_depth={head_depth} is outside 1..{self.depth} (the model depth)")
         h, c = self.embed(x, t, y, force_drop_ids)
-        zs = []
+        zs, head = [], None
         keep = {self.encoder_depth} if return_zs and self.projectors else set()
+        if head_depth is not None:
+            keep.add(head_depth)
         for depth, h in self.run_blocks(h, c, self.depth, keep):
-            if depth in keep:
+            if depth == self.encoder_depth and return_zs:
                 zs = [projector(h) for projector in self.projectors]
+            if depth == head_depth:
+                head = self.ap_head(h)
         out = self.unpatchify(self.final_layer(h, c))
-        return (out, zs) if return_zs else out
+        if not return_zs:
+            return out
+        return (out, zs) if head_depth is None else (out, zs, head)
+
+    def denoise(self, x, t, y):
+        """The model output alone (no projectors, no head): what the samplers call."""
+        return self.forward(x, t, y, return_zs=False)
 
     def velocity(self, x, t, y):
-        """The model output alone (no projectors): what the samplers call."""
-        return self.forward(x, t, y, return_zs=False)
+        """SiT's name for `denoise` (its output is the velocity)."""
+        return self.denoise(x, t, y)
 
     def hidden_states(self, x, t, y, depths, force_drop_ids=None):
         """Raw hidden states after each block in `depths` (1-based), in the order given.

@@ -1,4 +1,17 @@
-"""Training objectives: interpolants, time samplers and the REPA loss (official loss.py semantics)."""
+"""Training objectives: the method seam (fastrepa.objectives.base), the denoisers (flow matching for SiT,
+DDPM for DiT) and the methods (REPA, SRA), plus the interpolants and time samplers they share.
+
+    objective = build_objective(cfg, model, encoders)      # --method, with the backbone's denoiser
+"""
+from fastrepa.objectives.base import Denoiser, Objective, StepContext
+from fastrepa.objectives.flow import (
+    PREDICTIONS,
+    WEIGHTINGS,
+    FlowMatching,
+    check_prediction,
+    check_weighting,
+    sample_time,
+)
 from fastrepa.objectives.interpolants import (
     PATH_TYPES,
     check_path_type,
@@ -6,29 +19,51 @@ from fastrepa.objectives.interpolants import (
     score_coefficients,
     score_from_velocity,
 )
-from fastrepa.objectives.repa import (
-    PREDICTIONS,
-    WEIGHTINGS,
-    check_prediction,
-    check_weighting,
-    label_dropout_prob,
-    repa_loss,
-    sample_time,
-    total_loss,
-)
+from fastrepa.objectives.repa import REPA, label_dropout_prob, repa_loss, total_loss
+from fastrepa.objectives.sra import SRA
+
+METHODS = {"repa": REPA, "sra": SRA}
+
+
+def build_denoiser(model, objective_cfg) -> Denoiser:
+    """The denoising objective of the model's prediction type: flow matching (--path-type, --weighting,
+    --prediction) for a velocity model (SiT), DDPM with learned sigma for an epsilon model (DiT)."""
+    if model.prediction == "velocity":
+        return FlowMatching(objective_cfg.path_type, objective_cfg.weighting, objective_cfg.prediction)
+    if model.prediction == "epsilon":
+        from fastrepa.objectives.ddpm import DDPM
+        return DDPM()
+    raise ValueError(f"no denoising objective for a model that predicts {model.prediction!r}")
+
+
+def method_model_options(cfg, z_dims=None) -> dict:
+    """The model options a method needs (build_model keyword arguments): REPA's projectors (one per
+    encoder, `z_dims`), SRA's alignment head and no projectors."""
+    if cfg.objective.method == "sra":
+        return {"z_dims": [], "ap_head": True}
+    return {"z_dims": list(z_dims or [])}
+
+
+def build_objective(cfg, model, encoders=()) -> Objective:
+    """The --method objective of a TrainConfig for `model` (unwrapped) and the loaded `encoders`."""
+    from fastrepa.models import family_of
+    o, d = cfg.objective, cfg.data
+    common = dict(latents_scale=d.latents_scale, latents_bias=d.latents_bias)
+    denoiser = build_denoiser(model, o)
+    if o.method == "repa":
+        return REPA(model, denoiser, encoders, proj_coeff=o.proj_coeff, encoder_names=o.encoders,
+                    resolution=d.resolution, **common)
+    if o.method == "sra":
+        s, t = o.sra_blocks(cfg.model.model)
+        return SRA(model, denoiser, block_out_s=s, block_out_t=t, t_max=o.t_max, align_loss=o.sra_align_loss(
+            cfg.model.model), cos_axis=o.align_cos_axis, family=family_of(cfg.model.model), resolution=d.resolution,
+            **common)
+    raise ValueError(f"--method={o.method!r}: expected one of {tuple(METHODS)}")
+
 
 __all__ = [
-    "PATH_TYPES",
-    "PREDICTIONS",
-    "WEIGHTINGS",
-    "check_path_type",
-    "check_prediction",
-    "check_weighting",
-    "interpolant",
-    "label_dropout_prob",
-    "repa_loss",
-    "sample_time",
-    "score_coefficients",
-    "score_from_velocity",
-    "total_loss",
+    "METHODS", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
+    "StepContext", "build_denoiser", "build_objective", "check_path_type", "check_prediction", "check_weighting",
+    "interpolant", "label_dropout_prob", "method_model_options", "repa_loss", "sample_time",
+    "score_coefficients", "score_from_velocity", "total_loss",
 ]

@@ -1,65 +1,47 @@
-"""The REPA objective (official loss.py `SILoss`): velocity denoising loss + projection (alignment) loss.
+"""The REPA objective (official loss.py `SILoss`): denoising loss + projection (alignment) loss.
 
-denoising: x_t = alpha_t x + sigma_t eps, target = alpha'_t x + sigma'_t eps, per-sample mean over
-C, H, W of (model(x_t, t, y) - target)^2.
+denoising: the backbone's (fastrepa.objectives.flow for SiT: per-sample mean over C, H, W of
+(model(x_t, t, y) - target)^2; fastrepa.objectives.ddpm for DiT: MSE + VB).
 projection: for each encoder k, per sample, the mean over tokens of -cos(z_k, z_tilde_k) (fp32, via
 `fastrepa.kernels.alignment_loss`), averaged over samples and encoders, i.e. the official
 sum / (len(zs) * bsz).
 
-Every random draw (time, noise, label dropout) can come from one `torch.Generator`, so a training step
-is a pure function of its seed. Without a generator the draws use the global RNG and the model drops
-labels itself, as the official code does.
+`REPA` is the method the trainer runs (fastrepa.objectives.base); `repa_loss` is the same loss as a
+function of a model and a batch, whose random draws (time, noise, label dropout) can come from one
+`torch.Generator`, so a training step is a pure function of its seed. Without a generator the draws use
+the global RNG and the model drops labels itself, as the official code does.
 """
 import torch
 
 from fastrepa.kernels import alignment_loss
 from fastrepa.models import unwrap
-from fastrepa.objectives.interpolants import check_path_type, interpolant
-
-WEIGHTINGS = ("uniform", "lognormal")
-PREDICTIONS = ("v",)
-
-
-def check_weighting(weighting: str) -> None:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r} is not one of {WEIGHTINGS}")
-
-
-def check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction={prediction!r} is not supported; allowed: {PREDICTIONS} "
-                         "(the official REPA code implements only velocity prediction)")
-
-
-def _draw_device(generator):
-    return generator.device if generator is not None else torch.device("cpu")
-
-
-def sample_time(n: int, weighting: str = "uniform", path_type: str = "linear", generator=None, device=None):
-    """n training times in [0, 1] as a float32 tensor [n].
-
-    "uniform": U(0, 1). "lognormal" (EDM-style, P_mean 0 and P_std 1): sigma = exp(randn), then
-    t = sigma / (1 + sigma) for "linear" and t = 2/pi * atan(sigma) for "cosine".
-    Drawn on the generator's device (CPU for a CPU generator or for the global RNG when generator is
-    None), then moved to `device`.
-    """
-    check_weighting(weighting)
-    check_path_type(path_type)
-    where = _draw_device(generator)
-    if weighting == "uniform":
-        t = torch.rand(n, generator=generator, device=where, dtype=torch.float32)
-    else:
-        sigma = torch.randn(n, generator=generator, device=where, dtype=torch.float32).exp()
-        if path_type == "linear":
-            t = sigma / (1 + sigma)
-        else:
-            t = 2 / torch.pi * torch.atan(sigma)
-    return t if device is None else t.to(device)
+from fastrepa.objectives.base import Objective
+from fastrepa.objectives.flow import (PREDICTIONS, WEIGHTINGS, check_prediction, check_weighting, flow_corrupt,
+                                      flow_loss, flow_target, sample_time)
+from fastrepa.objectives.interpolants import check_path_type
 
 
 def label_dropout_prob(model) -> float:
-    y_embedder = getattr(unwrap(model), "y_embedder", None)
-    return float(getattr(y_embedder, "dropout_prob", 0.0) or 0.0)
+    return float(getattr(unwrap(model), "label_dropout_prob", 0.0) or 0.0)
+
+
+def projection_loss(zs, zs_tilde, kernels: str = "auto", device=None):
+    """The mean over encoders of each encoder's per-sample mean over tokens of -cos(z, z_tilde), in fp32;
+    0 without encoders. Shapes are checked, naming the encoder."""
+    zs, zs_tilde = list(zs), list(zs_tilde)
+    if len(zs) != len(zs_tilde):
+        raise ValueError(f"got {len(zs)} encoder feature tensor(s) (zs) but the model has {len(zs_tilde)} "
+                         "projector output(s); pass one encoder's features per projector (model z_dims)")
+    if not zs:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    per_encoder = []
+    for k, (z, z_tilde) in enumerate(zip(zs, zs_tilde)):
+        if z.dim() != 3 or z.shape != z_tilde.shape:
+            raise ValueError(
+                f"encoder {k}: features zs[{k}] have shape {tuple(z.shape)} but projector {k} outputs "
+                f"{tuple(z_tilde.shape)}; [batch, tokens, dim] must match (token grid and z_dims)")
+        per_encoder.append(alignment_loss(z, z_tilde, impl=kernels).float().mean())
+    return torch.stack(per_encoder).mean()
 
 
 def repa_loss(model, x, y, zs, *, time=None, noise=None, path_type: str = "linear", prediction: str = "v",
@@ -79,7 +61,6 @@ def repa_loss(model, x, y, zs, *, time=None, noise=None, path_type: str = "linea
     check_prediction(prediction)
     check_weighting(weighting)
     n = x.shape[0]
-    zs = list(zs)
 
     if time is None:
         time = sample_time(n, weighting, path_type, generator=generator)
@@ -102,12 +83,7 @@ def repa_loss(model, x, y, zs, *, time=None, noise=None, path_type: str = "linea
             force_drop_ids = drop.to(device=y.device, dtype=torch.long)
 
     # Official: time cast to the latents' dtype, then the interpolant in that dtype.
-    t = time.to(device=x.device, dtype=x.dtype)
-    alpha, sigma, d_alpha, d_sigma = interpolant(t.view(n, *([1] * (x.dim() - 1))), path_type)
-    x_t = alpha * x + sigma * noise
-    wide = torch.promote_types(x.dtype, torch.float32)
-    target = d_alpha.to(wide) * x.to(wide) + d_sigma.to(wide) * noise.to(wide)
-
+    x_t, t = flow_corrupt(x, time, noise, path_type)
     if force_drop_ids is None:
         result = model(x_t, t, y)
     else:
@@ -116,23 +92,8 @@ def repa_loss(model, x, y, zs, *, time=None, noise=None, path_type: str = "linea
         out, zs_tilde = result[0], list(result[1])
     else:
         out, zs_tilde = result, []
-
-    denoising = (out.to(wide) - target).square().mean(dim=tuple(range(1, x.dim())))
-
-    if len(zs) != len(zs_tilde):
-        raise ValueError(f"got {len(zs)} encoder feature tensor(s) (zs) but the model has {len(zs_tilde)} "
-                         "projector output(s); pass one encoder's features per projector (model z_dims)")
-    if not zs:
-        return denoising, torch.zeros((), dtype=torch.float32, device=x.device)
-    kernels = getattr(unwrap(model), "kernels", "auto")
-    per_encoder = []
-    for k, (z, z_tilde) in enumerate(zip(zs, zs_tilde)):
-        if z.dim() != 3 or z.shape != z_tilde.shape:
-            raise ValueError(
-                f"encoder {k}: features zs[{k}] have shape {tuple(z.shape)} but projector {k} outputs "
-                f"{tuple(z_tilde.shape)}; [batch, tokens, dim] must match (token grid and z_dims)")
-        per_encoder.append(alignment_loss(z, z_tilde, impl=kernels).float().mean())
-    proj = torch.stack(per_encoder).mean()
+    denoising = flow_loss(out, flow_target(x, t, noise, path_type))
+    proj = projection_loss(zs, zs_tilde, getattr(unwrap(model), "kernels", "auto"), device=x.device)
     return denoising, proj
 
 
@@ -141,5 +102,46 @@ def total_loss(denoising, proj, proj_coeff: float):
     return denoising.mean() + proj_coeff * proj
 
 
-__all__ = ["PREDICTIONS", "WEIGHTINGS", "check_prediction", "check_weighting", "label_dropout_prob",
-           "repa_loss", "sample_time", "total_loss"]
+class REPA(Objective):
+    """REPA: the backbone's denoising loss + proj_coeff x the projection loss of the model's projectors
+    (after block --encoder-depth) against the frozen encoders' patch tokens of the clean images.
+
+    Terms: "loss" (the denoising loss, as official REPA logs it), "proj_loss" (unweighted), then the
+    denoiser's own (DDPM: mse, vb)."""
+
+    name = "repa"
+
+    def __init__(self, model, denoiser, encoders=(), *, proj_coeff: float = 0.5, encoder_names=(),
+                 resolution: int = 256, **kw):
+        super().__init__(model, denoiser, **kw)
+        self.encoders, self.encoder_names, self.resolution = list(encoders), list(encoder_names), resolution
+        self.proj_coeff = proj_coeff
+        self.kernels = model.kernels
+        self.terms = ("loss", "proj_loss", *denoiser.extra_terms)
+
+    def prepare(self, batch, draws, ctx):
+        inputs = super().prepare(batch, draws, ctx)
+        with torch.no_grad(), ctx.autocast():
+            inputs["zs"] = [enc(batch["image"]) for enc in self.encoders]
+        return inputs
+
+    def loss(self, model, inputs, ctx):
+        x, den = inputs["x"], self.denoiser
+        x_t, t = den.corrupt(x, inputs["time"], inputs["noise"])
+        drop = self.drop_ids(inputs)
+        if drop is None:
+            out, zs_tilde = model(x_t, t, inputs["y"])
+        else:
+            out, zs_tilde = model(x_t, t, inputs["y"], force_drop_ids=drop)
+        denoising, extra = den.loss(out, x, x_t, inputs["time"], inputs["noise"])
+        proj = projection_loss(inputs["zs"], zs_tilde, self.kernels, device=x.device)
+        total = total_loss(denoising, proj, self.proj_coeff)
+        return total, {"loss": denoising.mean(), "proj_loss": proj, **extra}
+
+    def train_flops(self, model) -> float:
+        from fastrepa.train.flops import encoder_flops
+        return super().train_flops(model) + encoder_flops(self.encoder_names, self.resolution, model.token_grid[0])
+
+
+__all__ = ["PREDICTIONS", "REPA", "WEIGHTINGS", "check_prediction", "check_weighting", "label_dropout_prob",
+           "projection_loss", "repa_loss", "sample_time", "total_loss"]

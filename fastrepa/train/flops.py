@@ -1,8 +1,10 @@
 """Parameter and FLOP counts from the config alone (no weights, no data): what `--dry-run` prints.
 
 FLOPs are 2 x the multiply-accumulates of the matmuls (linear layers, patch embedding, attention scores
-and attention-weighted values); elementwise ops, norms and softmax are not counted. A training step costs
-3 x the SiT forward (forward + backward) plus one forward of each frozen encoder.
+and attention-weighted values; the backbone's own count, `model.forward_flops`); elementwise ops, norms and
+softmax are not counted. A REPA training step costs 3 x the model forward (forward + backward) plus one
+forward of each frozen encoder; other methods say what they add (`objective.train_flops`, e.g. SRA's
+teacher forward up to its block).
 SiT-XL/2 + DINOv2-B at 256px: ~237 GFLOP SiT forward, ~770 GFLOP per trained image.
 """
 from __future__ import annotations
@@ -29,42 +31,32 @@ def encoder_dims(name: str, resolution: int, grid: int) -> tuple[int, int]:
     return width, 2 * macs
 
 
-def sit_forward_flops(model) -> int:
-    """2 x MACs of one SiT forward of one image (projectors included)."""
-    d, t = model.hidden_size if hasattr(model, "hidden_size") else model.pos_embed.shape[-1], model.pos_embed.shape[1]
-    p, c = model.patch_size, model.in_channels
-    macs = t * c * p * p * d  # patch embedding
-    macs += sum(m.in_features * m.out_features for m in model.t_embedder.modules() if isinstance(m, torch.nn.Linear))
-    for block in model.blocks:
-        mlp_hidden = block.mlp.fc1.out_features
-        macs += d * 6 * d  # adaLN (per image, not per token)
-        macs += t * (3 * d * d + d * d + 2 * d * mlp_hidden)  # qkv, proj, fc1, fc2
-        macs += 2 * t * t * d  # q k^T and attn @ v
-    macs += d * 2 * d + t * d * model.final_layer.linear.out_features
-    for proj in model.projectors:
-        macs += t * sum(m.in_features * m.out_features for m in proj if isinstance(m, torch.nn.Linear))
-    return 2 * macs
+def encoder_flops(encoder_names, resolution: int, grid: int) -> int:
+    """Forward FLOPs per image of the frozen encoders, from their names alone."""
+    return sum(encoder_dims(e, resolution, grid)[1] for e in encoder_names)
 
 
 def counts(cfg) -> dict:
-    """Parameter and FLOP counts of the configured model, built on the meta device."""
+    """Parameter and FLOP counts of the configured model and method, built on the meta device."""
     from fastrepa.models import build_model, model_kwargs
+    from fastrepa.objectives import build_objective, method_model_options
     overrides = cfg.model_overrides()
     kw = model_kwargs(cfg.model.model, **overrides)
     grid = overrides["input_size"] // kw["patch_size"]
     encs = {e: encoder_dims(e, cfg.data.resolution, grid) for e in cfg.objective.encoders}
     with torch.device("meta"):
-        model = build_model(cfg.model.model, z_dims=[d for d, _ in encs.values()], **overrides)
+        model = build_model(cfg.model.model, **overrides, **method_model_options(cfg, [d for d, _ in encs.values()]))
+    train_flops = build_objective(cfg, model).train_flops(model)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fwd = sit_forward_flops(model)
+    fwd = model.forward_flops()
     enc_flops = sum(f for _, f in encs.values())
-    return {"params": params, "trainable_params": trainable,
+    return {"method": cfg.objective.method, "params": params, "trainable_params": trainable,
             "projector_params": sum(p.numel() for p in model.projectors.parameters()),
             "sit_forward_gflop_per_image": round(fwd / 1e9, 3),
             "encoder_forward_gflop_per_image": round(enc_flops / 1e9, 3),
-            "train_gflop_per_image": round((3 * fwd + enc_flops) / 1e9, 3),
-            "train_gflop_per_step": round((3 * fwd + enc_flops) * cfg.batch_size / 1e9, 3)}
+            "train_gflop_per_image": round(train_flops / 1e9, 3),
+            "train_gflop_per_step": round(train_flops * cfg.batch_size / 1e9, 3)}
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched in this order against
@@ -87,7 +79,6 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
 
 
 def train_flops_per_image(model, encoder_names, resolution: int) -> float:
-    """FLOPs of one trained image: 3 x the SiT forward (forward + backward) + one forward per encoder."""
-    grid = model.x_embedder.grid_size
-    enc = sum(encoder_dims(e, resolution, grid)[1] for e in encoder_names)
-    return 3 * sit_forward_flops(model) + enc
+    """FLOPs of one REPA-trained image: 3 x the model's forward (forward + backward) + one forward per
+    encoder (other methods: their objective's `train_flops`)."""
+    return 3 * model.forward_flops() + encoder_flops(encoder_names, resolution, model.token_grid[0])

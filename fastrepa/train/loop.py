@@ -1,4 +1,13 @@
-"""The training loop: one process, DDP or FSDP2 under torchrun; REPA objective, AdamW, EMA, DCP checkpoints.
+"""The training loop: one process, DDP or FSDP2 under torchrun; any method (fastrepa.objectives) on any
+backbone family (fastrepa.models), AdamW, EMA, DCP checkpoints.
+
+    report = Trainer(cfg).fit()          # = train(cfg); Trainer(cfg).build() sets everything up
+
+`Trainer.build` checks the inputs and builds the data, encoders, model, objective, EMA, wrapping, optimizer,
+and resumes; `Trainer.step(batch)` runs one optimizer step with its bookkeeping (draws, non-finite policy,
+metrics, checkpoints, grids); `Trainer.fit` loops over the data and writes the exports and the report. The
+checkpoint state is one dict of named parts (`Trainer.state`): the modules and the optimizer (DCP) and
+plain-JSON train and objective state, so a method that adds state adds a key.
 
 Progress is counted in images (step x --batch-size; the bar, the metrics and the checkpoints say how many
 were seen), in steps of the global batch. Rank r reads its slice of
@@ -28,12 +37,11 @@ from fastrepa.distributed import setup
 from fastrepa.encoders import load_encoders
 from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
-from fastrepa.objectives.repa import label_dropout_prob
-from fastrepa.sampling import euler_sampler
+from fastrepa.objectives import StepContext, build_objective, method_model_options
 from fastrepa.train import checkpointing as C
 from fastrepa.train.ema import make_ema
-from fastrepa.train.flops import peak_tflops, train_flops_per_image
-from fastrepa.train.parallel import resolve_mode, wrap
+from fastrepa.train.flops import peak_tflops
+from fastrepa.train.parallel import reshard, resolve_mode, wrap
 from fastrepa.train.report import MetricsLog, dry_run, metrics_line, write_report
 from fastrepa.train.rng import draw_step
 from fastrepa.train.schedule import lr_at
@@ -58,7 +66,8 @@ def checkpoint_path(cfg: TrainConfig, step: int) -> str:
 def check_data_matches(dataset, model, encoders, cfg: TrainConfig) -> None:
     """Fail before training when the latents or images do not fit the model or the encoders."""
     image, moments, _ = dataset[0]
-    want = (2 * model.in_channels, model.x_embedder.grid_size * model.patch_size)
+    channels, size, _ = model.latent_shape
+    want = (2 * channels, size)
     if moments.shape[0] != want[0] or moments.shape[-1] != want[1] or moments.shape[-2] != want[1]:
         raise ValueError(
             f"latents {dataset.describe(0, 'moments')} have shape {tuple(moments.shape)}; "
@@ -69,12 +78,15 @@ def check_data_matches(dataset, model, encoders, cfg: TrainConfig) -> None:
 
 
 def check_resume_matches(extra: dict, cfg: TrainConfig, num_items: int, path: str) -> None:
-    """A checkpoint resumes exactly only with the same data order and draws: the same --seed, --batch-size
-    and dataset size. Anything else is refused (naming the flag) instead of silently continuing another run."""
+    """A checkpoint resumes exactly only with the same data order, draws and method: the same --seed,
+    --batch-size, dataset size and --method. Anything else is refused (naming the flag) instead of silently
+    continuing another run."""
+    config = extra.get("config") or {}
     saved = {"seed": extra.get("seed"), "num_items": extra.get("num_items"),
-             "batch_size": extra.get("batch_size", (extra.get("config") or {}).get("batch_size"))}
-    now = {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_items": num_items}
-    what = {"seed": "--seed", "batch_size": "--batch-size",
+             "batch_size": extra.get("batch_size", config.get("batch_size")),
+             "method": extra.get("method", config.get("method", "repa"))}
+    now = {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_items": num_items, "method": cfg.objective.method}
+    what = {"seed": "--seed", "batch_size": "--batch-size", "method": "--method",
             "num_items": f"the number of samples in --data-dir {cfg.data.data_dir}"}
     for key, value in saved.items():
         if value is not None and value != now[key]:
@@ -113,222 +125,297 @@ def loader_backend(choice: str, dataset, device: torch.device, data_dir: str = "
 
 
 def sample_grid(ema, vae, cfg: TrainConfig, device, path: str | None, n: int = 16) -> None:
-    """A grid from the EMA model in eval mode with a fixed generator (the same noise every time).
-    Under FSDP2 every rank runs the sampler (the EMA is sharded); only the caller with a `path` writes."""
+    """A grid from the EMA model in eval mode with a fixed generator (the same noise every time), sampled as
+    generate.py samples that backbone (SiT: Euler ODE; DiT: DDPM respaced to --sample-num-steps), with CFG
+    --sample-cfg-scale. Under FSDP2 every rank runs the sampler (the EMA is sharded); only the caller with a
+    `path` writes."""
+    from fastrepa.generation import default_mode, sample_latents
     g = torch.Generator().manual_seed(cfg.seed)
-    size, ch = ema.x_embedder.grid_size * ema.patch_size, ema.in_channels
-    z = torch.randn(n, ch, size, size, generator=g).to(device)
+    z = torch.randn(n, *ema.latent_shape, generator=g).to(device)
     y = (torch.arange(n) % ema.num_classes).to(device)
-    x = euler_sampler(ema.velocity, z, y, num_steps=cfg.sample_num_steps, cfg_scale=cfg.sample_cfg_scale,
-                      path_type=cfg.objective.path_type, null_class=ema.num_classes)
+    x = sample_latents(ema, z, y, mode=default_mode(ema), num_steps=cfg.sample_num_steps,
+                       cfg_scale=cfg.sample_cfg_scale, path_type=cfg.objective.path_type)
     if path is not None:
         save_grid(decode_to_uint8(vae, x.float(), cfg.data.latents_scale, cfg.data.latents_bias), path,
                   nrow=min(n, ema.num_classes))
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns (and, on rank 0, writes) the run report. Under torchrun every rank
-    calls it; the process group is created here (fastrepa.distributed.setup) when it does not exist."""
-    if cfg.dry_run:
-        return dry_run(cfg)
-    t_start = time.time()
-    env = setup(timeout_s=cfg.dist_timeout)
-    rank0, world = env.is_main, env.world_size
-    mode = resolve_mode(cfg.parallel, world)
-    exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    ckpt_root = os.path.join(exp_dir, "checkpoints")
-    device = env.device
-    if device.type == "cuda" and cfg.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.batch_size % (world * cfg.gradient_accumulation_steps):
-        raise ValueError(f"--batch-size={cfg.batch_size}: expected a multiple of the {world} processes x "
-                         f"--gradient-accumulation-steps={cfg.gradient_accumulation_steps}")
-    if device.type == "cuda" and cfg.mixed_precision == "fp16" and mode == "fsdp":
-        raise ValueError("--mixed-precision fp16 with --parallel fsdp is not supported: use bf16 (or --parallel ddp)")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+class Trainer:
+    """build / step / fit of one training run (see the module docstring). Under torchrun every rank builds
+    and fits; the process group is created in `build` (fastrepa.distributed.setup) when it does not exist."""
 
-    # Everything that can be wrong with the inputs is checked before any heavy work.
-    check_backend(cfg.model.backend())
-    check_impl(cfg.model.kernels, device)
-    check_report_to(cfg.report_to)  # every rank: one failing alone would leave the others waiting
-    dataset = open_dataset(cfg.data.data_dir)
-    check_labels(dataset, cfg.model.num_classes)
-    backend = loader_backend(cfg.data.data_loader, dataset, device, cfg.data.data_dir)
-    overrides = cfg.model_overrides()
-    grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
-    encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
-                                                      resolution=cfg.data.resolution, grid=grid)]
-                if cfg.objective.encoders else [])
-    model = build_model(cfg.model.model, z_dims=[e.embed_dim for e in encoders], **overrides).to(device)
-    check_data_matches(dataset, model, encoders, cfg)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    max_steps = min(cfg.max_train_steps, cfg.epochs * max(steps_per_epoch, 1))
-    vae = load_grid_vae(cfg, model.in_channels, device)
-    drop_prob = label_dropout_prob(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_image = train_flops_per_image(model, cfg.objective.encoders, cfg.data.resolution)
-    peak = peak_tflops(device, cfg.peak_tflops)
-    if cfg.compile:  # the frozen encoders too (they run every step); in place, keys unchanged
-        for enc in encoders:
-            enc.compile()
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.built = False
 
-    ema = make_ema(model)
-    model, ema = wrap(model, ema, mode, device, bf16=cfg.mixed_precision == "bf16", compile=cfg.compile,
-                      activation_checkpointing=cfg.activation_checkpointing)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.learning_rate,
-                            betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                            weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
-                            fused=device.type == "cuda")
-    flat = to_flat(cfg)
-    step = skipped = 0
-    found = C.resume_point(ckpt_root, cfg.resume_step or None)
-    if found is not None:
-        extra = C.load(found[1], model=model, ema=ema, optimizer=opt)
-        check_resume_matches(extra, cfg, len(dataset), found[1])
-        step = int(extra["step"])
-        skipped = int(extra.get("nonfinite_skipped", 0))
-        if rank0:
-            print(f"resuming from {found[1]} (step {step}, {extra.get('images', '?')} images seen)", flush=True)
+    # ------------------------------------------------------------------------------------------ build
 
-    if rank0:
-        os.makedirs(ckpt_root, exist_ok=True)
-        os.makedirs(os.path.join(exp_dir, "samples"), exist_ok=True)
-        with open(os.path.join(exp_dir, "config.json"), "w") as f:
-            json.dump(flat, f, indent=2)
-    log = (MetricsLog(os.path.join(exp_dir, "metrics.jsonl"), resume_step=step, flops_per_image=flops_per_image,
-                      peak_flops=peak * 1e12 * world if peak else None, device=device,
-                      window=extra.get("metrics_window") if found else None) if rank0 else None)
-    sinks = open_sinks(cfg.report_to, exp_dir, flat, cfg.exp_name, cfg.wandb_project, step) if rank0 else None
-    env.barrier()
+    def build(self) -> "Trainer":
+        cfg = self.cfg
+        self.t_start = time.time()
+        env = self.env = setup(timeout_s=cfg.dist_timeout)
+        self.rank0, world = env.is_main, env.world_size
+        self.mode = resolve_mode(cfg.parallel, world)
+        self.exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
+        self.ckpt_root = os.path.join(self.exp_dir, "checkpoints")
+        device = self.device = env.device
+        if device.type == "cuda" and cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.batch_size % (world * cfg.gradient_accumulation_steps):
+            raise ValueError(f"--batch-size={cfg.batch_size}: expected a multiple of the {world} processes x "
+                             f"--gradient-accumulation-steps={cfg.gradient_accumulation_steps}")
+        if device.type == "cuda" and cfg.mixed_precision == "fp16" and self.mode == "fsdp":
+            raise ValueError("--mixed-precision fp16 with --parallel fsdp is not supported: use bf16 (or --parallel ddp)")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
-    sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, env.rank, world, start_step=step,
-                          num_steps=max(max_steps - step, 0))
-    local_batch, first = cfg.batch_size // world, env.rank * (cfg.batch_size // world)
-    step_fn = TrainStep(model, ema, opt, encoders, objective=cfg.objective, data=cfg.data, device=device,
-                        world_size=world, grad_accum=cfg.gradient_accumulation_steps,
-                        max_grad_norm=cfg.optim.max_grad_norm, ema_decay=cfg.optim.ema_decay,
-                        mixed_precision=cfg.mixed_precision, drop_prob=drop_prob)
-    if found is not None and extra.get("grad_scaler"):
-        step_fn.scaler.load_state_dict(extra["grad_scaler"])
-    loader = build_loader(dataset, sampler, cfg.data.num_workers, pin_memory=device.type == "cuda", backend=backend,
-                          device=device)
-    last_ckpt, last_grid, stopped = (found[1] if found else None), None, None
-    saved_step = found[0] if found else None
-    exit_after = hook_step(TEST_EXIT_ENV, env.rank)
-    signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "-1"))
-    nan_at = hook_step(TEST_NAN_ENV, env.rank)
-    start_step = step
+        # Everything that can be wrong with the inputs is checked before any heavy work.
+        check_backend(cfg.model.backend())
+        check_impl(cfg.model.kernels, device)
+        check_report_to(cfg.report_to)  # every rank: one failing alone would leave the others waiting
+        dataset = self.dataset = open_dataset(cfg.data.data_dir)
+        check_labels(dataset, cfg.model.num_classes)
+        self.loader_backend = loader_backend(cfg.data.data_loader, dataset, device, cfg.data.data_dir)
+        overrides = cfg.model_overrides()
+        grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
+        encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
+                                                          resolution=cfg.data.resolution, grid=grid)]
+                    if cfg.objective.encoders else [])
+        model = build_model(cfg.model.model, **overrides,
+                            **method_model_options(cfg, [e.embed_dim for e in encoders])).to(device)
+        check_data_matches(dataset, model, encoders, cfg)
+        self.steps_per_epoch = len(dataset) // cfg.batch_size
+        self.max_steps = min(cfg.max_train_steps, cfg.epochs * max(self.steps_per_epoch, 1))
+        self.vae = load_grid_vae(cfg, model.in_channels, device)
+        self.objective = build_objective(cfg, model, encoders)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_image = self.objective.train_flops(model)
+        self.peak = peak_tflops(device, cfg.peak_tflops)
+        if cfg.compile:  # the frozen encoders too (they run every step); in place, keys unchanged
+            for enc in encoders:
+                enc.compile()
 
-    def save(step_now: int) -> str:
-        nonlocal saved_step
-        saved_step = step_now
-        return C.save(ckpt_root, step_now, model=model, ema=ema, optimizer=opt, keep_last=cfg.keep_last,
-                      extra={"step": step_now, "images": step_now * cfg.batch_size, "seed": cfg.seed,
-                             "batch_size": cfg.batch_size, "num_items": len(dataset),
-                             "data": dict(zip(("epoch", "batch_in_epoch"), divmod(step_now, sampler.steps_per_epoch))),
-                             "lr": lr(step_now), "world_size": world, "nonfinite_skipped": skipped,
-                             "metrics_window": log.window_state() if rank0 else {},
-                             "grad_scaler": step_fn.scaler.state_dict(), "config": flat})
+        ema = make_ema(model)
+        self.model, self.ema = wrap(model, ema, self.mode, device, bf16=cfg.mixed_precision == "bf16",
+                                    compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
+                                    compile_ema=self.objective.uses_teacher)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.learning_rate,
+                                     betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                                     weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
+                                     fused=device.type == "cuda")
+        self.step_fn = TrainStep(self.model, self.ema, self.opt, self.objective, device=device, world_size=world,
+                                 grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optim.max_grad_norm,
+                                 ema_decay=cfg.optim.ema_decay, mixed_precision=cfg.mixed_precision)
+        self.flat = to_flat(cfg)
+        self.step_now = self.skipped = 0
+        self.resumed, window = self.resume()
 
-    def grid(step_now: int):
-        path = os.path.join(exp_dir, "samples", f"{step_now:07d}.png") if rank0 else None
-        if rank0 or mode == "fsdp":
-            sample_grid(ema, vae, cfg, device, path)
+        if self.rank0:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            os.makedirs(os.path.join(self.exp_dir, "samples"), exist_ok=True)
+            with open(os.path.join(self.exp_dir, "config.json"), "w") as f:
+                json.dump(self.flat, f, indent=2)
+        self.log = (MetricsLog(os.path.join(self.exp_dir, "metrics.jsonl"), resume_step=self.step_now,
+                               flops_per_image=self.flops_per_image,
+                               peak_flops=self.peak * 1e12 * world if self.peak else None, device=device,
+                               window=window, terms=self.objective.terms) if self.rank0 else None)
+        self.sinks = (open_sinks(cfg.report_to, self.exp_dir, self.flat, cfg.exp_name, cfg.wandb_project,
+                                 self.step_now) if self.rank0 else None)
+        env.barrier()
+
+        self.sampler = StepSampler(len(dataset), cfg.batch_size, cfg.seed, env.rank, world, start_step=self.step_now,
+                                   num_steps=max(self.max_steps - self.step_now, 0))
+        self.local_batch = cfg.batch_size // world
+        self.first = env.rank * self.local_batch
+        self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, pin_memory=device.type == "cuda",
+                                   backend=self.loader_backend, device=device)
+        self.last_ckpt = self.resumed[1] if self.resumed else None
+        self.saved_step = self.resumed[0] if self.resumed else None
+        self.last_grid = self.stopped = None
+        self.pending = {}  # step -> its random draws, made one step ahead
+        self.bar = None  # the progress bar of fit (rank 0)
+        self.built = True
+        return self
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def train_state(self) -> dict:
+        """The plain-JSON train state of the current step (a host sync for the metrics window)."""
+        s, cfg = self.step_now, self.cfg
+        return {"step": s, "images": s * cfg.batch_size, "seed": cfg.seed, "batch_size": cfg.batch_size,
+                "num_items": len(self.dataset), "method": cfg.objective.method,
+                "data": dict(zip(("epoch", "batch_in_epoch"), divmod(s, self.sampler.steps_per_epoch))),
+                "lr": self.lr(s), "world_size": self.env.world_size, "nonfinite_skipped": self.skipped,
+                "metrics_window": self.log.window_state() if self.rank0 else {},
+                "grad_scaler": self.step_fn.scaler.state_dict(), "config": self.flat}
+
+    def state(self) -> dict:
+        """The checkpoint state as named parts: modules and optimizer (DCP components), then the plain-JSON
+        parts ("objective": the method's own state; "train": the step, data position, metrics window...)."""
+        return {"model": self.model, "ema": self.ema, "optim": self.opt,
+                "objective": self.objective.state_dict(), "train": self.train_state()}
+
+    def save(self) -> str:
+        parts = self.state()
+        self.saved_step = self.step_now
+        # the train state's keys at the top of train_state.json (the layout of earlier checkpoints)
+        extra = {**parts.pop("train"), "objective": parts.pop("objective")}
+        return C.save(self.ckpt_root, self.step_now, model=parts.pop("model"), ema=parts.pop("ema"),
+                      optimizer=parts.pop("optim"), extra=extra, keep_last=self.cfg.keep_last)
+
+    def resume(self):
+        """Load the newest complete checkpoint (or --resume-step's) into every part; returns ((step, path) or
+        None, the saved metrics window or None)."""
+        found = C.resume_point(self.ckpt_root, self.cfg.resume_step or None)
+        if found is None:
+            return None, None
+        # the run's identity first (seed, batch, data, method), then the tensors
+        check_resume_matches(C.on_rank0(lambda: C.read_extra(found[1]), f"reading {found[1]}"), self.cfg,
+                             len(self.dataset), found[1])
+        extra = C.load(found[1], model=self.model, ema=self.ema, optimizer=self.opt)
+        self.objective.load_state_dict(extra.get("objective") or {})
+        self.step_now = int(extra["step"])
+        self.skipped = int(extra.get("nonfinite_skipped", 0))
+        if extra.get("grad_scaler"):
+            self.step_fn.scaler.load_state_dict(extra["grad_scaler"])
+        if self.rank0:
+            print(f"resuming from {found[1]} (step {self.step_now}, {extra.get('images', '?')} images seen)",
+                  flush=True)
+        return found, extra.get("metrics_window")
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def lr(self, s: int) -> float:
+        o = self.cfg.optim
+        return lr_at(s, o.learning_rate, o.lr_schedule, o.lr_warmup_steps, self.max_steps)
+
+    def draw(self, s: int) -> dict:
+        """Step s's random draws of this rank's samples, on the device (copied asynchronously)."""
+        return self.step_fn.to_device(draw_step(self.cfg.seed, s, self.first, self.local_batch, self.objective.draw))
+
+    def step(self, batch: dict, stop_flag: bool = False, poison: bool = False):
+        """One optimizer step on this rank's `batch`, then its bookkeeping: the non-finite policy, the
+        metrics row, the checkpoint and the sample grid when due. Returns the StepResult."""
+        cfg, s = self.cfg, self.step_now
+        batch = {k: t.to(self.device, non_blocking=True) for k, t in batch.items()}
+        draws = self.pending.pop(s, None) or self.draw(s)
+
+        def draw_next():
+            # The next step's draws (CPU work: ~3 ms for 32 samples at 256px here) are made while the
+            # device still runs this step, instead of after the sync where the device would wait.
+            self.pending[s + 1] = self.draw(s + 1)
+
+        ctx = StepContext(step=s, epoch=s // max(self.steps_per_epoch, 1))
+        res = self.step_fn(batch, draws, lr=self.lr(s), ctx=ctx, stop_flag=stop_flag, poison=poison,
+                           before_sync=draw_next)
+        if not res.finite:
+            what = (f"step {s}: loss {float(res.total)} / grad norm {float(res.grad_norm)} is not finite; the "
+                    f"weights were not updated")
+            if cfg.on_nonfinite == "stop":
+                # The weights, optimizer state and EMA are those after s steps: good ones, saved (unless
+                # that step is saved already) so a fixed rerun resumes right here.
+                if self.saved_step != s:
+                    self.last_ckpt = self.save()
+                raise NonFiniteError(f"{what}; stopping (--on-nonfinite stop). Last good checkpoint: {self.last_ckpt}")
+            self.skipped += 1
+            if self.rank0:
+                tqdm.write(f"{what}; skipped ({self.skipped} so far, --on-nonfinite skip)")
+        self.step_now = s = s + 1
+
+        if self.rank0:
+            if self.bar is not None:
+                self.bar.update(cfg.batch_size)
+            row = self.log.add(s, cfg.batch_size, res.terms, res.grad_norm, self.opt.param_groups[0]["lr"],
+                               finite=res.finite, write=s % cfg.log_every == 0 or s == self.max_steps)
+            if row is not None:
+                self.sinks.log(row)
+                tqdm.write(metrics_line(row), file=sys.stdout)
+                first = self.objective.terms[0]
+                if row[first] is not None and self.bar is not None:
+                    self.bar.set_postfix({k: f"{row[k]:.4f}" for k in self.objective.terms[:2]})
+        if s % cfg.checkpointing_steps == 0 or s == self.max_steps or res.stop:
+            self.last_ckpt = self.save()
+        if not res.stop and (s % cfg.sampling_steps == 0 or s == self.max_steps):
+            self.last_grid = self.grid()
+        return res
+
+    def grid(self):
+        path = os.path.join(self.exp_dir, "samples", f"{self.step_now:07d}.png") if self.rank0 else None
+        if self.rank0 or self.mode == "fsdp":
+            sample_grid(self.ema, self.vae, self.cfg, self.device, path)
+            reshard(self.ema)  # FSDP2 keeps a root unsharded after a forward: back to the EMA's shards
         return path
 
-    def draw(s, latent_shape):  # on the device, copied asynchronously
-        return step_fn.to_device(draw_step(cfg.seed, s, first, local_batch, latent_shape,
-                                           weighting=cfg.objective.weighting, path_type=cfg.objective.path_type,
-                                           drop_prob=drop_prob))
+    # ------------------------------------------------------------------------------------------ fit
 
-    def lr(s):
-        return lr_at(s, cfg.optim.learning_rate, cfg.optim.lr_schedule, cfg.optim.lr_warmup_steps, max_steps)
+    def fit(self) -> dict:
+        """Train to --max-train-steps (or a stop request); returns (and, on rank 0, writes) the run report."""
+        if not self.built:
+            self.build()
+        cfg, env = self.cfg, self.env
+        exit_after = hook_step(TEST_EXIT_ENV, env.rank)
+        signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "-1"))
+        nan_at = hook_step(TEST_NAN_ENV, env.rank)
+        start_step = self.step_now
+        self.model.train()
+        # in images; on rank 0 also when stderr is a log file (then redrawn once a minute, not 10 times a second)
+        self.bar = tqdm(total=self.max_steps * cfg.batch_size, initial=self.step_now * cfg.batch_size,
+                        desc=cfg.exp_name, unit="img", unit_scale=True, dynamic_ncols=True, disable=not self.rank0,
+                        mininterval=0.1 if sys.stderr.isatty() else 60.0)
+        t_train = time.time()
+        with StopRequest() as stop:
+            for batch in self.loader:
+                if self.step_now >= self.max_steps:
+                    break
+                if self.rank0 and self.step_now == signal_at:
+                    os.kill(os.getpid(), StopRequest.SIGNALS[0])
+                res = self.step(batch, stop_flag=stop.flag, poison=self.step_now == nan_at)
+                if res.stop:
+                    self.stopped = stop.name
+                    if self.rank0:
+                        print(f"\n{self.stopped}: stopped after step {self.step_now}; checkpoint {self.last_ckpt}",
+                              flush=True)
+                    break
+                if self.step_now == exit_after:
+                    os._exit(3)
+        self.bar.close()
+        train_time = time.time() - t_train
+        return self.finish(start_step, train_time)
 
-    pending = {}  # step -> its random draws, made one step ahead
-    model.train()
-    # in images; on rank 0 also when stderr is a log file (then redrawn once a minute, not 10 times a second)
-    bar = tqdm(total=max_steps * cfg.batch_size, initial=step * cfg.batch_size, desc=cfg.exp_name, unit="img",
-               unit_scale=True, dynamic_ncols=True, disable=not rank0,
-               mininterval=0.1 if sys.stderr.isatty() else 60.0)
-    t_train = time.time()
-    with StopRequest() as stop:
-        for raw, moments, labels in loader:
-            if step >= max_steps:
-                break
-            if rank0 and step == signal_at:
-                os.kill(os.getpid(), StopRequest.SIGNALS[0])
-            raw, moments, labels = (t.to(device, non_blocking=True) for t in (raw, moments, labels))
-            latent_shape = (moments.shape[1] // 2, *moments.shape[2:])
-            draws = pending.pop(step, None) or draw(step, latent_shape)
+    def finish(self, start_step: int, train_time: float) -> dict:
+        """The exports (at the end of training, not after a stop request) and the report."""
+        cfg, step, world = self.cfg, self.step_now, self.env.world_size
+        checkpoint = self.last_ckpt
+        if self.stopped is None:  # the end of training: the official .pt and the EMA safetensors
+            checkpoint = C.export_official_pt(model=self.model, ema=self.ema, optimizer=self.opt,
+                                              out_file=checkpoint_path(cfg, step), args=self.flat, steps=step)
+            C.export_ema_safetensors(self.ema, os.path.join(self.ckpt_root, f"ema-{step:07d}.safetensors"),
+                                     config=self.flat)
+        images_trained = (step - start_step) * cfg.batch_size
+        rate = images_trained / max(train_time, 1e-9)
+        report = {
+            "exp_dir": self.exp_dir, "device": str(self.device), "world_size": world, "parallel": self.mode,
+            "data_loader": self.loader_backend, "model": cfg.model.model, "method": cfg.objective.method,
+            "params": self.n_params, "encoders": cfg.objective.encoders,
+            "resumed_from": self.resumed[0] if self.resumed else None, "steps": step, "batch_size": cfg.batch_size,
+            "images_trained": images_trained, "train_seconds": round(train_time, 2),
+            "wall_seconds": round(time.time() - self.t_start, 2), "images_per_s": round(rate, 2),
+            "stopped_by": self.stopped, "nonfinite_skipped": self.skipped,
+            "train_flop_per_image": int(self.flops_per_image), "peak_tflops_per_device": self.peak,
+            "mfu": (float(f"{rate * self.flops_per_image / (self.peak * 1e12 * world):.4g}") if self.peak else None),
+            "metrics_sinks": self.sinks.names if self.rank0 else None,
+            **(self.log.summary() if self.rank0 else {}), "checkpoint": checkpoint, "sample_grid": self.last_grid,
+        }
+        if self.rank0:
+            self.log.close()
+            self.sinks.close()
+            write_report(report, self.exp_dir)
+        self.env.barrier()
+        return report
 
-            def draw_next(s=step + 1):
-                # The next step's draws (CPU work: ~3 ms for 32 samples at 256px here) are made while the
-                # device still runs this step, instead of after the sync where the device would wait.
-                pending[s] = draw(s, latent_shape)
 
-            res = step_fn(raw, moments, labels, draws, lr=lr(step), stop_flag=stop.flag, poison=step == nan_at,
-                          before_sync=draw_next)
-            if not res.finite:
-                what = (f"step {step}: loss {float(res.losses[0])} / grad norm {float(res.grad_norm)} is not "
-                        f"finite; the weights were not updated")
-                if cfg.on_nonfinite == "stop":
-                    # The weights, optimizer state and EMA are those after step-1 steps: good ones, saved
-                    # (unless that step is saved already) so a fixed rerun resumes right here.
-                    if saved_step != step:
-                        last_ckpt = save(step)
-                    raise NonFiniteError(f"{what}; stopping (--on-nonfinite stop). Last good checkpoint: "
-                                         f"{last_ckpt}")
-                skipped += 1
-                if rank0:
-                    tqdm.write(f"{what}; skipped ({skipped} so far, --on-nonfinite skip)")
-            step += 1
-
-            if rank0:
-                bar.update(cfg.batch_size)
-                row = log.add(step, cfg.batch_size, res.losses[1], res.losses[2], res.grad_norm,
-                              opt.param_groups[0]["lr"], finite=res.finite,
-                              write=step % cfg.log_every == 0 or step == max_steps)
-                if row is not None:
-                    sinks.log(row)
-                    tqdm.write(metrics_line(row), file=sys.stdout)
-                    if row["loss"] is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}")
-            if step % cfg.checkpointing_steps == 0 or step == max_steps or res.stop:
-                last_ckpt = save(step)
-            if res.stop:
-                stopped = stop.name
-                if rank0:
-                    print(f"\n{stopped}: stopped after step {step}; checkpoint {last_ckpt}", flush=True)
-                break
-            if step % cfg.sampling_steps == 0 or step == max_steps:
-                last_grid = grid(step)
-            if step == exit_after:
-                os._exit(3)
-    bar.close()
-    train_time = time.time() - t_train
-
-    checkpoint = last_ckpt
-    if stopped is None:  # the end of training: the official .pt and the EMA safetensors
-        checkpoint = C.export_official_pt(model=model, ema=ema, optimizer=opt, out_file=checkpoint_path(cfg, step),
-                                          args=flat, steps=step)
-        C.export_ema_safetensors(ema, os.path.join(ckpt_root, f"ema-{step:07d}.safetensors"), config=flat)
-    images_trained = (step - start_step) * cfg.batch_size
-    report = {
-        "exp_dir": exp_dir, "device": str(device), "world_size": world, "parallel": mode, "data_loader": backend, "model": cfg.model.model,
-        "params": n_params, "encoders": cfg.objective.encoders, "resumed_from": found[0] if found else None,
-        "steps": step, "batch_size": cfg.batch_size, "images_trained": images_trained,
-        "train_seconds": round(train_time, 2), "wall_seconds": round(time.time() - t_start, 2),
-        "images_per_s": round(images_trained / max(train_time, 1e-9), 2), "stopped_by": stopped,
-        "nonfinite_skipped": skipped, "train_flop_per_image": int(flops_per_image),
-        "peak_tflops_per_device": peak,
-        "mfu": (float(f"{images_trained / max(train_time, 1e-9) * flops_per_image / (peak * 1e12 * world):.4g}")
-                if peak else None), "metrics_sinks": sinks.names if rank0 else None,
-        **(log.summary() if rank0 else {}), "checkpoint": checkpoint, "sample_grid": last_grid,
-    }
-    if rank0:
-        log.close()
-        sinks.close()
-        write_report(report, exp_dir)
-    env.barrier()
-    return report
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured (`Trainer(cfg).fit()`); --dry-run prints the config and the counts instead."""
+    if cfg.dry_run:
+        return dry_run(cfg)
+    return Trainer(cfg).fit()

@@ -3,11 +3,12 @@
     mode = resolve_mode(cfg.parallel, env)             # "fsdp" | "ddp" | "none"
     model, ema = wrap(model, ema, mode, env, ...)      # same objects for fsdp (fully_shard is in place)
 
-FSDP2: `fully_shard` on every SiT block, then on the root (model and EMA alike, so the EMA's fp32 shards
-line up one to one with the model's and the EMA update is a local foreach op). On CUDA with bf16 the
+FSDP2: `fully_shard` on every unit of the backbone (`model.fsdp_units()`: the blocks), then on the root
+(model and EMA alike, so the EMA's fp32 shards line up one to one with the model's and the EMA update is a local foreach op). On CUDA with bf16 the
 model gets MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32); on the CPU everything stays fp32,
 so a CPU FSDP2 run equals the single-process run to float tolerance. `compile` and activation
-checkpointing are applied per block before sharding and in place, so state-dict keys never change.
+checkpointing are applied per unit before sharding and in place, so state-dict keys never change. A method
+whose loss runs the EMA (SRA's teacher) gets the EMA's units compiled too (`compile_ema`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def resolve_mode(parallel: str, world_size: int) -> str:
 
 def checkpoint_blocks(model: torch.nn.Module) -> None:
     """Activation checkpointing per block, in place (the block's forward recomputes in the backward)."""
-    for block in model.blocks:
+    for block in model.fsdp_units():
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
@@ -41,27 +42,31 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
-    for block in model.blocks:
+    for block in model.fsdp_units():
         block.compile()  # in place: the module keeps its keys (no _orig_mod.)
 
 
 def shard(module: torch.nn.Module, mp_policy=None) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     kw = {} if mp_policy is None else {"mp_policy": mp_policy}
-    for block in module.blocks:
+    for block in module.fsdp_units():
         fully_shard(block, **kw)
     fully_shard(module, **kw)
-    # the samplers call .velocity, which bypasses the root's forward hooks unless registered
-    register_fsdp_forward_method(module, "velocity")
+    # the samplers call .denoise (SiT's .velocity calls it) and a teacher .hidden_states: methods other
+    # than forward bypass the root's hooks unless registered
+    for method in ("denoise", "hidden_states"):
+        register_fsdp_forward_method(module, method)
 
 
 def wrap(model, ema, mode: str, device: torch.device, *, bf16: bool = False, compile: bool = False,
-         activation_checkpointing: bool = False):
-    """(model to train, ema) after per-block options and the parallel wrapping. Collective for fsdp/ddp."""
+         activation_checkpointing: bool = False, compile_ema: bool = False):
+    """(model to train, ema) after per-unit options and the parallel wrapping. Collective for fsdp/ddp."""
     if activation_checkpointing:
         checkpoint_blocks(model)
     if compile:
         compile_blocks(model)
+        if compile_ema:
+            compile_blocks(ema)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -74,6 +79,16 @@ def wrap(model, ema, mode: str, device: torch.device, *, bf16: bool = False, com
     elif mode != "none":
         raise ValueError(f"--parallel={mode!r}: expected fsdp, ddp or none")
     return model, ema
+
+
+def reshard(module) -> None:
+    """Free the unsharded parameters an FSDP2 root keeps after a forward without backward (the EMA after a
+    teacher forward or a sample grid): FSDP2 never reshards a root after its forward, expecting the backward
+    to need them, so the EMA would otherwise hold full tensors where its update expects its shards.
+    Not recursive: the units (blocks) reshard after their own forward. A no-op for other modules."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(module, FSDPModule):
+        module.reshard()
 
 
 def grad_sync(model, enabled: bool):

@@ -1,6 +1,7 @@
 """Rank-0 outputs of a run: metrics.jsonl (resume-consistent), report.json / report.md, and --dry-run.
 
-A metrics row: step, images, loss (the denoising loss, as official REPA logs it), proj_loss, grad_norm, lr,
+A metrics row: step, images, the objective's named terms (REPA: loss, the denoising loss as official REPA
+logs it, and proj_loss; SRA: loss and align_loss; DDPM backbones add mse and vb), grad_norm, lr,
 images_per_s, mfu (model FLOPs utilisation: trained images/s x FLOPs per image / the peak of all devices;
 null where the peak is unknown), peak_mem_gib (CUDA: the most memory allocated so far on rank 0's device;
 CPU: rank 0's peak resident set), skipped (steps of the window dropped as non-finite, --on-nonfinite skip).
@@ -29,8 +30,11 @@ class MetricsLog:
     by a run that died after its last checkpoint) are dropped, so the file reads like one uninterrupted run."""
 
     def __init__(self, path: str, resume_step: int = 0, flops_per_image: float | None = None,
-                 peak_flops: float | None = None, device: torch.device | None = None, window: dict | None = None):
+                 peak_flops: float | None = None, device: torch.device | None = None, window: dict | None = None,
+                 terms=("loss", "proj_loss")):
         self.path, self.flops_per_image, self.peak_flops, self.device = path, flops_per_image, peak_flops, device
+        self.terms = tuple(terms)
+        self.sums = (*self.terms, "grad_norm", "n", "skipped")
         rows = []
         if os.path.exists(path):
             with open(path) as f:
@@ -46,26 +50,24 @@ class MetricsLog:
         self.file = open(path, "a")
         self.history: list[dict] = []
         self._new_window()
-        for key in self.SUMS:  # the open window of the run this one resumes
+        for key in self.sums:  # the open window of the run this one resumes
             self.window[key] = (window or {}).get(key, self.window[key])
-
-    SUMS = ("loss", "proj_loss", "grad_norm", "n", "skipped")
 
     def _new_window(self):
         # images: trained by this process since the window began (for images/s; not restored on resume)
-        self.window = {"loss": 0.0, "proj_loss": 0.0, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0,
+        self.window = {**{k: 0.0 for k in self.terms}, "grad_norm": 0.0, "n": 0, "t": time.time(), "images": 0,
                        "skipped": 0}
 
     def window_state(self) -> dict:
         """The open window's sums as plain numbers (a host sync: call it when checkpointing)."""
-        return {k: float(self.window[k]) if k not in ("n", "skipped") else int(self.window[k]) for k in self.SUMS}
+        return {k: float(self.window[k]) if k not in ("n", "skipped") else int(self.window[k]) for k in self.sums}
 
-    def add(self, step, batch, denoise, proj, grad_norm, lr, write: bool, finite: bool = True):
-        """Accumulate one step (tensors stay on the device); returns the row when `write`."""
+    def add(self, step, batch, terms: dict, grad_norm, lr, write: bool, finite: bool = True):
+        """Accumulate one step's terms (tensors stay on the device); returns the row when `write`."""
         w = self.window
         if finite:
-            w["loss"] += denoise.detach()  # as official REPA logs it: the denoising loss alone
-            w["proj_loss"] += proj.detach()
+            for name in self.terms:
+                w[name] += terms[name].detach()
             w["grad_norm"] += grad_norm.detach()
             w["n"] += 1
         else:
@@ -78,8 +80,7 @@ class MetricsLog:
         images_per_s = w["images"] / max(dt, 1e-9)
         mfu = (images_per_s * self.flops_per_image / self.peak_flops
                if self.flops_per_image and self.peak_flops else None)
-        row = {"step": step, "images": step * batch, "loss": float(w["loss"]) / n if n else None,
-               "proj_loss": float(w["proj_loss"]) / n if n else None,
+        row = {"step": step, "images": step * batch, **{k: float(w[k]) / n if n else None for k in self.terms},
                "grad_norm": float(w["grad_norm"]) / n if n else None, "lr": lr, "images_per_s": images_per_s,
                "mfu": None if mfu is None else float(f"{mfu:.4g}"), "peak_mem_gib": round(peak_memory_gib(self.device), 3),
                "skipped": w["skipped"]}
@@ -90,10 +91,12 @@ class MetricsLog:
         return row
 
     def summary(self) -> dict:
-        h = [r for r in self.history if r["loss"] is not None]
-        return {"first_loss": h[0]["loss"] if h else None, "last_loss": h[-1]["loss"] if h else None,
-                "first_proj_loss": h[0]["proj_loss"] if h else None,
-                "last_proj_loss": h[-1]["proj_loss"] if h else None}
+        """first_<term> and last_<term> of the logged rows with values, for each term."""
+        h = [r for r in self.history if r[self.terms[0]] is not None]
+        out = {}
+        for k in self.terms:
+            out[f"first_{k}"], out[f"last_{k}"] = (h[0][k], h[-1][k]) if h else (None, None)
+        return out
 
     def close(self):
         self.file.close()
@@ -121,7 +124,8 @@ def metrics_line(row: dict) -> str:
     """A metrics row as one line of text for stdout / logs."""
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
-    return (f"step {row['step']} | images {row['images']} | loss {num(row['loss'], '.4f')} | "
-            f"proj_loss {num(row['proj_loss'], '.4f')} | grad_norm {num(row['grad_norm'], '.3f')} | "
+    fixed = {"step", "images", "grad_norm", "lr", "images_per_s", "mfu", "peak_mem_gib", "skipped"}
+    terms = "".join(f"{k} {num(v, '.4f')} | " for k, v in row.items() if k not in fixed)
+    return (f"step {row['step']} | images {row['images']} | {terms}grad_norm {num(row['grad_norm'], '.3f')} | "
             f"lr {row['lr']:.3g} | {row['images_per_s']:.1f} img/s | mfu {num(row['mfu'], '.3f')} | "
             f"peak_mem {row['peak_mem_gib']:.2f} GiB" + (f" | skipped {row['skipped']}" if row["skipped"] else ""))

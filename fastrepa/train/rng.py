@@ -10,7 +10,7 @@ lets a 2-process FSDP2 run equal the 1-process run, and a run resume on a differ
 import numpy as np
 import torch
 
-from fastrepa.objectives.repa import sample_time
+from fastrepa.objectives.base import stack_draws
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -37,17 +37,8 @@ def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> 1))
 
 
-def draw_step(seed: int, step: int, first: int, n: int, latent_shape, *, weighting: str, path_type: str,
-              drop_prob: float):
-    """The random draws of samples first..first+n-1 of `step`, on the CPU, in a fixed order per sample:
-    posterior noise (latent_shape), time, interpolant noise (latent_shape), label-drop coin.
-
-    Returns (eps [n, *latent_shape], time [n], noise [n, *latent_shape], drop [n] long)."""
-    eps, time, noise, drop = [], [], [], []
-    for i in range(first, first + n):
-        g = sample_generator(seed, step, i)
-        eps.append(torch.randn(latent_shape, generator=g))
-        time.append(sample_time(1, weighting, path_type, generator=g))
-        noise.append(torch.randn(latent_shape, generator=g))
-        drop.append(torch.rand(1, generator=g) < drop_prob)
-    return torch.stack(eps), torch.cat(time), torch.stack(noise), torch.cat(drop).long()
+def draw_step(seed: int, step: int, first: int, n: int, draw_one) -> dict:
+    """The random draws of samples first..first+n-1 of `step`, on the CPU: `draw_one(generator)` (the
+    objective's `draw`: a dict of tensors, drawn in a fixed order) from each sample's own generator,
+    stacked into {name: tensor [n, ...]}."""
+    return stack_draws([draw_one(sample_generator(seed, step, i)) for i in range(first, first + n)])
