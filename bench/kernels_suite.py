@@ -263,14 +263,14 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason):
-    """The three rows (eager, compile, triton) of one op x shape x batch x mode."""
+def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason, impls=IMPLS):
+    """The rows (eager, compile, triton, or the `impls` asked for) of one op x shape x batch x mode."""
     device, dtype, grad = ctx.device, ctx.dtype, mode == "fwd+bwd"
     e = _elem(dtype)
     base = {"op": spec.name, "model": shape.name, "shape": f"{shape.name} B={B} T={shape.T}", "B": B,
             "T": shape.T, "D": shape.D, "H": shape.H, "hd": shape.hd, "dtype": ctx.dtype_name, "mode": mode,
             "bytes": spec.bytes(shape, B, e, mode), "flops": spec.flops(shape, B, mode) if spec.flops else None}
-    rows = {impl: dict(base, impl=impl, status=None, reason=None, median_ms=None) for impl in IMPLS}
+    rows = {impl: dict(base, impl=impl, status=None, reason=None, median_ms=None) for impl in impls}
     try:
         args, kw, leaves = spec.build(shape, B, dtype, device, grad)
         base_tensors = {f"arg{i}": list(a.shape) for i, a in enumerate(args)}
@@ -299,7 +299,7 @@ def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason):
             got = _as_tuple(f(*args, **kw))
         return max((g.float() - x.float()).abs().max().item() for g, x in zip(got, expected))
 
-    for impl in IMPLS:
+    for impl in impls:
         row = rows[impl]
         row["inputs"] = base_tensors
         if impl == "triton" and triton_reason:
@@ -392,9 +392,35 @@ def _parse_ops(arg):
     return names
 
 
+def _parse_filter(arg, known, flag):
+    """The names of a comma list flag, in the order `known` lists them (all when empty)."""
+    if not arg:
+        return list(known)
+    names = [n.strip() for n in arg.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise BenchUsageError(f"{flag}: unknown value(s) {', '.join(unknown) or repr(arg)}; the kernel suite knows: "
+                              f"{', '.join(known)}")
+    return [k for k in known if k in names]
+
+
+def selection(args):
+    """(shape names or None for all, modes, impls) from --shapes / --modes / --impls (usage errors first)."""
+    shapes = getattr(args, "shapes", None)
+    shape_names = _parse_filter(shapes, [s.name for s in FULL_SHAPES], "--shapes") if shapes else None
+    return (shape_names, _parse_filter(getattr(args, "modes", None), MODES, "--modes"),
+            _parse_filter(getattr(args, "impls", None), IMPLS, "--impls"))
+
+
+def check_args(args):
+    """Usage errors of --ops / --shapes / --modes / --impls, before any suite has run."""
+    return _parse_ops(args.ops), selection(args)
+
+
 def plan(ctx):
     """(shapes, batch sizes, reduced, reason) for this run."""
     args = ctx.args
+    shape_names = selection(args)[0]
     if ctx.quick:
         batches = args.batch_sizes or [2]
         return QUICK_SHAPES, batches, True, (
@@ -404,17 +430,19 @@ def plan(ctx):
         batches = args.batch_sizes
     else:
         batches = CUDA_BATCH_SIZES if ctx.device.type == "cuda" else [1]
+    shapes = [s for s in FULL_SHAPES if shape_names is None or s.name in shape_names]
     if batches == CUDA_BATCH_SIZES:
-        return FULL_SHAPES, batches, False, None
+        return shapes, batches, False, None
     why = " (the CPU default: the GPU batch sizes would take too long here)" if (
         ctx.device.type != "cuda" and not args.batch_sizes) else ""
-    return FULL_SHAPES, batches, True, (
+    return shapes, batches, True, (
         f"batch sizes {batches} instead of {CUDA_BATCH_SIZES}{why}; model dims and token counts as on the GPU")
 
 
 def run(args, ctx):
     """The kernel suite; returns its result dict (rows, table, notes, ...) for run.py to write."""
     names = _parse_ops(args.ops)  # usage errors before any work
+    _, modes, impls = selection(args)
     shapes, batches, reduced, reduced_reason = plan(ctx)
     notes, skipped_ops, rows = [], [], []
     bandwidth, matmul = ctx.bandwidth(), ctx.matmul()
@@ -431,9 +459,9 @@ def run(args, ctx):
         triton_reason = triton_skip_reason(ctx, spec, public)
         for shape in shapes:
             for B in batches:
-                for mode in MODES:
+                for mode in modes:
                     t0 = time.perf_counter()
-                    case = run_case(ctx, spec, public, ref, shape, B, mode, triton_reason)
+                    case = run_case(ctx, spec, public, ref, shape, B, mode, triton_reason, impls)
                     rows += case
                     done = ", ".join(f"{r['impl']} {fmt(r['median_ms'], '.4g') or r['status']}" for r in case)
                     print(f"[kernels] {name} {shape.name} B={B} {mode}: {done} ({time.perf_counter() - t0:.1f} s)",
@@ -454,7 +482,7 @@ def run(args, ctx):
     return {
         "reduced": reduced, "reduced_reason": reduced_reason, "batch_sizes": batches,
         "shapes": [asdict(s) | {"rope_grid": list(s.rope_grid)} for s in shapes],
-        "ops": names, "skipped_ops": skipped_ops, "notes": notes, "rows": rows,
+        "ops": names, "modes": modes, "impls": impls, "skipped_ops": skipped_ops, "notes": notes, "rows": rows,
         "table": {"headers": HEADERS, "rows": table_rows(rows)},
         "appendix": {"columns": legend, "shapes": shape_docs,
                      "bytes models (N = B*T tokens, e = bytes per element)": bytes_docs,

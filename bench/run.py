@@ -83,6 +83,13 @@ def build_parser():
                    help="tiny shapes and few repeats: checks that the bench runs, measures nothing useful")
     p.add_argument("--ops", default=None,
                    help=f"comma list of kernel ops to run (default all: {','.join(kernels_suite.OPS)})")
+    p.add_argument("--shapes", default=None,
+                   help="kernel suite: comma list of model shapes (default all: "
+                        f"{','.join(s.name for s in kernels_suite.FULL_SHAPES)}; --quick uses a tiny one)")
+    p.add_argument("--modes", default=None,
+                   help=f"kernel suite: comma list of modes (default all: {','.join(kernels_suite.MODES)})")
+    p.add_argument("--impls", default=None,
+                   help=f"kernel suite: comma list of implementations (default all: {','.join(kernels_suite.IMPLS)})")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None,
                    help="comma list of batch sizes (kernels: default 32,128 on CUDA, 1 on the CPU; train: default "
                         f"{','.join(map(str, train_suite.CUDA_BATCH_SIZES))} on CUDA, 2 on the CPU; sample: "
@@ -125,7 +132,8 @@ def main(argv=None):
         parser.error(f"suite {args.suite!r} is not built yet ({PLANNED[args.suite]}); suites available now: "
                      f"{', '.join(SUITES)} (or --suite all)")
 
-    for name, check in (("sample", sample_suite.check_args), ("train", train_suite.check_args)):
+    for name, check in (("kernels", kernels_suite.check_args), ("sample", sample_suite.check_args),
+                        ("train", train_suite.check_args)):
         if name in names:  # usage errors before any suite has run
             try:
                 check(args)
