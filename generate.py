@@ -95,10 +95,6 @@ def build_parser():
 # compared without them (those runs did not say what they used).
 LATER_KEYS = ("kernels", "compile", "tf32")
 
-# Test hook (used by tests/test_generate.py only): the process stops with TEST_EXIT_CODE after writing
-# this many shards, as if it had been killed.
-TEST_EXIT_AFTER_SHARDS_ENV = "FASTREPA_TEST_EXIT_AFTER_SHARDS"
-TEST_EXIT_CODE = 75
 SETTINGS_FILE = "settings.json"
 
 
@@ -392,18 +388,11 @@ class Generator:
             if line:
                 bar.write(line)
 
-        exit_after = int(os.environ.get(TEST_EXIT_AFTER_SHARDS_ENV, "0") or 0)
-        written = 0
         t_sample = time.time()
         for start, end in todo:
             self.step(start, end)
-            written += 1
             if env.is_main:  # global progress: count every process's shards on disk
                 show_progress(sum(e - s for s, e in list_shards(shard_dir)))
-            if exit_after and written >= exit_after:
-                bar.close()
-                print(f"{TEST_EXIT_AFTER_SHARDS_ENV}={exit_after}: stopping after {written} shard(s)", flush=True)
-                sys.exit(TEST_EXIT_CODE)
         backfilled = self.backfill(mine, done)
         if backfilled is None:
             return 2

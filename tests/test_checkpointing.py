@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from conftest import TINY, tiny_model
+from faults import SimulatedCrash, crash_in_save
 from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, load_weights
 from fastrepa.models import build_model
 from fastrepa.train import checkpointing as C
@@ -129,10 +130,10 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, point):
     root = str(tmp_path)
     good = C.save(root, 10, model=model, ema=ema, optimizer=opt, extra={"step": 10}, keep_last=1)
     train_steps(model, ema, opt, 1, seed=3)
-    monkeypatch.setenv(C.TEST_CRASH_ENV, point)
-    with pytest.raises(C.SimulatedCrash):
-        C.save(root, 20, model=model, ema=ema, optimizer=opt, extra={"step": 20}, keep_last=1)
-    monkeypatch.delenv(C.TEST_CRASH_ENV)
+    with pytest.MonkeyPatch.context() as mp:
+        crash_in_save(mp.setattr, point)
+        with pytest.raises(SimulatedCrash):
+            C.save(root, 20, model=model, ema=ema, optimizer=opt, extra={"step": 20}, keep_last=1)
     assert os.path.isdir(os.path.join(root, "step-000000020.partial"))
     assert C.latest(root) == (10, good)
     with pytest.raises(CheckpointError, match=r"step-000000020\.partial.*complete steps available: \[10\]"):
@@ -235,13 +236,14 @@ def test_exports_load_strict(tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import os, sys
-    import torch, torch.distributed as dist
+    import pytest, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
     from conftest import tiny_model
+    from faults import SimulatedCrash, crash_in_save
     from test_checkpointing import train_steps
     from fastrepa.train import checkpointing as C
     from fastrepa.train.ema import make_ema
@@ -279,13 +281,13 @@ SCRIPT = textwrap.dedent("""
             torch.save(state, os.path.join(out, mode + "_full.pt"))
         if mode == "fsdp2":
             # a crash injected mid-save on every rank: the step-2 checkpoint stays the latest
-            os.environ[C.TEST_CRASH_ENV] = "after_shards"
-            try:
-                C.save(root, 3, model=model, ema=ema, optimizer=opt, extra={{"step": 3}})
-                raise SystemExit("the test hook did not fire")
-            except C.SimulatedCrash:
-                pass
-            del os.environ[C.TEST_CRASH_ENV]
+            with pytest.MonkeyPatch.context() as mp:
+                crash_in_save(mp.setattr, "after_shards")
+                try:
+                    C.save(root, 3, model=model, ema=ema, optimizer=opt, extra={{"step": 3}})
+                    raise SystemExit("the injected crash did not happen")
+                except SimulatedCrash:
+                    pass
             assert C.resume_point(root)[0] == 2
             C.export_official_pt(out_file=os.path.join(out, "official.pt"), model=model, ema=ema, optimizer=opt,
                                  args={{"model": "SiT-S/2"}}, steps=2)
@@ -337,7 +339,6 @@ def test_two_process_fsdp2_and_ddp_reshard(tmp_path):
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop(C.TEST_CRASH_ENV, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", str(script), str(out), from1]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -14,6 +14,8 @@ import torch
 
 import generate as generate_cli
 from conftest import TINY, tiny_model
+from faults import EXIT_CODE as FAULT_EXIT_CODE
+from faults import LAUNCHER, exit_after_shards, launch_env
 from fastrepa.eval.cli import METRIC_KEYS
 from fastrepa.eval.cli import main as eval_main
 from fastrepa.generation import (ProgressLog, assemble_features, batch_plan, list_shards, noise_and_labels,
@@ -227,16 +229,16 @@ def test_ode_samples_do_not_depend_on_the_batch_size(ckpt, tmp_path):
 
 def test_resume_after_kill_gives_the_uninterrupted_result(ckpt, tmp_path, monkeypatch, reference_run, scoring):
     out = tmp_path / "killed"
-    monkeypatch.setenv(generate_cli.TEST_EXIT_AFTER_SHARDS_ENV, "1")
-    with pytest.raises(SystemExit) as e:
-        generate_cli.main(common(ckpt, out, *scoring))
-    assert e.value.code == generate_cli.TEST_EXIT_CODE
+    with pytest.MonkeyPatch.context() as mp:
+        exit_after_shards(mp.setattr, 1)
+        with pytest.raises(SystemExit) as e:
+            generate_cli.main(common(ckpt, out, *scoring))
+    assert e.value.code == FAULT_EXIT_CODE
     assert sorted(list_shards(out / "shards")) == [(0, 3)]
     first = out / "shards" / "shard-0000000-0000003.npz"
     assert shard_features_id(str(first)) is not None  # the killed run's shard: its images and features
     assert not list(out.glob("*.npz"))  # nothing assembled yet
     (out / "shards" / "shard-0000003-0000006.npz.tmp999.npz").write_bytes(b"half a file")  # a cut-off write
-    monkeypatch.delenv(generate_cli.TEST_EXIT_AFTER_SHARDS_ENV)
     before = os.path.getmtime(first)
     assert generate_cli.main(common(ckpt, out)) == 0  # resumed without scoring: no features for the rest
     assert os.path.getmtime(first) == before  # skipped, not redone
@@ -484,11 +486,10 @@ def test_resume_with_another_process_count(ckpt, tmp_path, reference_run):
     """Two processes write some shards and are killed; one process resumes: the uninterrupted run's samples."""
     out = tmp_path / "two-then-one"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", os.path.join(ROOT, "generate.py"), *common(ckpt, out),
+           f"--master_port={_free_port()}", LAUNCHER, os.path.join(ROOT, "generate.py"), *common(ckpt, out),
            "--dist-timeout", "120"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           generate_cli.TEST_EXIT_AFTER_SHARDS_ENV: "1",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = launch_env({**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                      "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}, {"exit_after_shards": 1})
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0, r.stdout[-3000:] + r.stderr[-3000:]
     left = sorted(list_shards(out / "shards"))  # each process stops after its first shard; torchrun may stop the

@@ -11,6 +11,7 @@ from fastrepa.checkpoint import load_checkpoint_file
 from fastrepa.config import PRESETS, from_flat
 from fastrepa.data.synthetic import write_dataset
 from fastrepa.train import NonFiniteError, train
+from faults import nan_loss_at
 
 TINY_RUN = dict(PRESETS["demo"], hidden_size=32, depth=2, num_heads=2, encoder_depth=1, projector_dim=32,
                 input_size=16, resolution=16, batch_size=16, learning_rate=2e-3, max_train_steps=6,
@@ -75,11 +76,11 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     """A NaN at step 4 stops the run before the update and checkpoints the good weights of step 4 (the
     step-3 checkpoint stays); a fixed rerun resumes there and ends bit-identical to an uninterrupted run."""
     from fastrepa.train import checkpointing as C
-    from fastrepa.train.step import TEST_NAN_ENV
     full = train(cfg(tmp_path / "full", data16, exp_name="nan"))
-    monkeypatch.setenv(TEST_NAN_ENV, "4")
-    with pytest.raises(NonFiniteError, match="step 4: .* not finite; the weights were not updated"):
-        train(cfg(tmp_path, data16, exp_name="nan"))
+    with pytest.MonkeyPatch.context() as mp:
+        nan_loss_at(mp.setattr, 4)
+        with pytest.raises(NonFiniteError, match="step 4: .* not finite; the weights were not updated"):
+            train(cfg(tmp_path, data16, exp_name="nan"))
     ckpts = str(tmp_path / "nan" / "checkpoints")
     assert [s for s, _ in C.list_complete(ckpts)] == [3, 4]
     assert len(losses(str(tmp_path / "nan"))) == 4
@@ -90,7 +91,6 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     a, b = load_checkpoint_file(clean["checkpoint"]), load_checkpoint_file(str(tmp_path / "at4.pt"))
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    monkeypatch.delenv(TEST_NAN_ENV)
     rerun = train(cfg(tmp_path, data16, exp_name="nan"))
     assert rerun["resumed_from"] == 4
     assert losses(str(tmp_path / "nan")) == losses(full["exp_dir"])
@@ -103,9 +103,8 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
 def test_non_finite_skip_leaves_weights_and_counts(tmp_path, data16, monkeypatch):
     """--on-nonfinite skip: the poisoned step changes nothing (weights, EMA, optimizer state) and is counted."""
     from fastrepa.train import checkpointing as C
-    from fastrepa.train.step import TEST_NAN_ENV
     ref = train(cfg(tmp_path / "ref", data16, exp_name="s", max_train_steps=4, checkpointing_steps=4))
-    monkeypatch.setenv(TEST_NAN_ENV, "4")
+    nan_loss_at(monkeypatch.setattr, 4)
     rep = train(cfg(tmp_path, data16, exp_name="s", max_train_steps=5, checkpointing_steps=4, on_nonfinite="skip"))
     assert rep["nonfinite_skipped"] == 1 and rep["steps"] == 5
     rows = [json.loads(line) for line in open(tmp_path / "s" / "metrics.jsonl")]

@@ -16,8 +16,7 @@ from fastrepa.config import from_flat
 from fastrepa.generation import model_from_checkpoint
 from fastrepa.train import checkpointing as C
 from fastrepa.train import train
-from fastrepa.train.loop import TEST_EXIT_ENV, TEST_SIGNAL_ENV
-from fastrepa.train.step import TEST_NAN_ENV
+from faults import LAUNCHER, launch_env, sigterm_at_step
 from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,16 +50,15 @@ def flags(out, data_dir, **kw):
     return argv
 
 
-def launch(argv, nproc=2, env_extra=None, timeout=150):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    for k in (TEST_EXIT_ENV, TEST_SIGNAL_ENV, C.TEST_CRASH_ENV, TEST_NAN_ENV):
-        if k not in (env_extra or {}):
-            env.pop(k, None)
+def launch(argv, nproc=2, faults=None, timeout=150):
+    """train.py (under torchrun when nproc > 1), with `faults` injected from outside (tests/faults.py)."""
+    env = launch_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, faults)
+    script = [LAUNCHER, "train.py"] if faults else ["train.py"]
     if nproc == 1:
-        cmd = [sys.executable, "train.py"]
+        cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py"]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script]
     return subprocess.run(cmd + argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -75,7 +73,7 @@ def runs(tmp_path_factory, data16):  # noqa: F811
     base = tmp_path_factory.mktemp("dist")
     single = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(base / "single")}))
     ok(launch(flags(base / "fsdp", data16)))
-    killed = launch(flags(base / "killed", data16), env_extra={TEST_EXIT_ENV: "5"})
+    killed = launch(flags(base / "killed", data16), faults={"exit_after_step": 5})
     assert killed.returncode != 0
     shutil.copytree(base / "killed", base / "killed_copy")  # for the 2 -> 1 resume
     return {"base": base, "single": single, "data": data16}
@@ -165,7 +163,7 @@ def test_nan_on_one_rank_stops_both_before_the_update(runs):
     """A NaN loss on rank 1 alone at step 3: both ranks agree, neither updates, the good weights of step 3
     are checkpointed, the run fails with a clear message; the fixed rerun ends bit-identical."""
     out = runs["base"] / "nan"
-    r = launch(flags(out, runs["data"]), env_extra={TEST_NAN_ENV: "3:1"})
+    r = launch(flags(out, runs["data"]), faults={"nan_loss_at": [3, 1]})
     assert r.returncode != 0
     assert "step 3: loss nan" in r.stderr and "the weights were not updated" in r.stderr
     assert [s for s, _ in C.list_complete(str(out / "run" / "checkpoints"))] == [2, 3]
@@ -176,8 +174,8 @@ def test_nan_on_one_rank_stops_both_before_the_update(runs):
 
 def test_crash_during_a_save_leaves_the_previous_one_and_resumes(runs):
     out = runs["base"] / "crash"
-    r = launch(flags(out, runs["data"]), env_extra={C.TEST_CRASH_ENV: "after_shards@4"})
-    assert r.returncode != 0 and "simulated crash" in r.stderr
+    r = launch(flags(out, runs["data"]), faults={"crash_in_save": ["after_shards", 4]})
+    assert r.returncode != 0 and "SimulatedCrash: crash injected after_shards" in r.stderr
     ckpts = out / "run" / "checkpoints"
     assert (ckpts / "step-000000004.partial").is_dir() and C.latest(str(ckpts))[0] == 2
     r = ok(launch(flags(out, runs["data"])))
@@ -189,7 +187,7 @@ def test_crash_during_a_save_leaves_the_previous_one_and_resumes(runs):
 def test_one_rank_dying_does_not_hang_the_other(tmp_path, data16):  # noqa: F811
     # rank 1 exits after step 2 while rank 0 waits in the next step's collective: the launcher ends
     # the job (and --dist-timeout bounds any wait) instead of hanging until the test's timeout
-    r = launch(flags(tmp_path, data16, dist_timeout=60), env_extra={TEST_EXIT_ENV: "2:1"}, timeout=120)
+    r = launch(flags(tmp_path, data16, dist_timeout=60), faults={"exit_after_step": [2, 1]}, timeout=120)
     assert r.returncode != 0
 
 
@@ -228,7 +226,7 @@ def test_a_hung_rank_does_not_hold_the_others_past_the_timeout(tmp_path):
 
 def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noqa: F811
     # rank 0 alone gets the signal during step 2; both ranks agree, finish it, checkpoint, exit 0
-    r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), env_extra={TEST_SIGNAL_ENV: "1"}))
+    r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), faults={"sigterm_at_step": 1}))
     assert "SIGTERM: stopped after step 2" in r.stdout
     ckpts = str(tmp_path / "run" / "checkpoints")
     assert [s for s, _ in C.list_complete(ckpts)] == [2]
@@ -263,18 +261,18 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits(tmp_path, data16):  # noq
 
 
 def test_sigterm_one_process_and_keep_last(tmp_path, data16, monkeypatch):  # noqa: F811
-    monkeypatch.setenv(TEST_SIGNAL_ENV, "4")
-    report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
+    with pytest.MonkeyPatch.context() as mp:
+        sigterm_at_step(mp.setattr, 4)
+        report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
     assert report["stopped_by"] == "SIGTERM" and report["steps"] == 5
     assert [s for s, _ in C.list_complete(str(tmp_path / "run" / "checkpoints"))] == [5]
-    monkeypatch.delenv(TEST_SIGNAL_ENV)
     report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
     assert report["resumed_from"] == 5 and report["steps"] == 6
 
 
 def test_kill_and_rerun_one_process(tmp_path, data16):  # noqa: F811
     full = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path / "full")}))
-    assert launch(flags(tmp_path / "k", data16), nproc=1, env_extra={TEST_EXIT_ENV: "3"}).returncode == 3
+    assert launch(flags(tmp_path / "k", data16), nproc=1, faults={"exit_after_step": 3}).returncode == 3
     rerun = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path / "k")}))
     assert rerun["resumed_from"] == 2
     assert losses(str(tmp_path / "k" / "run")) == losses(full["exp_dir"])
@@ -286,7 +284,7 @@ def test_dry_run_prints_counts_and_writes_nothing(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["params"] > 0 and out["train_gflop_per_image"] > 0 and out["config"]["model"] == "SiT-S/4"
     assert not (tmp_path / "o").exists()
-    # SiT-XL/2 + DINOv2-B: ~770 GFLOP per trained image (DESIGN.md)
+    # SiT-XL/2 + DINOv2-B: ~770 GFLOP per trained image (docs/design.md, "Performance discipline")
     train_cli.main(["--exp-name", "x", "--dry-run"])
     xl = json.loads(capsys.readouterr().out)
     assert 740 < xl["train_gflop_per_image"] < 800 and 670e6 < xl["params"] < 700e6

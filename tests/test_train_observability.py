@@ -12,6 +12,7 @@ from fastrepa.train import train
 from fastrepa.train.flops import PEAK_BF16_TFLOPS, peak_tflops, train_flops_per_image
 from fastrepa.train.schedule import lr_at
 from fastrepa.train.sinks import SinkError, check_report_to, open_sinks
+from faults import sigterm_at_step
 from test_train import cfg, data16  # noqa: F401 (data16 is a fixture)
 
 
@@ -127,7 +128,6 @@ def test_metrics_windows_survive_a_resume_between_logged_steps(tmp_path, data16,
     window, so the resumed run logs the same averages, bit for bit, as the uninterrupted one; every logged
     row is also a line on stdout."""
     from fastrepa.train import checkpointing as C
-    from fastrepa.train.loop import TEST_SIGNAL_ENV
     kw = dict(exp_name="w", max_train_steps=8, log_every=4, checkpointing_steps=100, sampling_steps=100,
               report_to="none")
     full = train(cfg(tmp_path / "full", data16, **kw))
@@ -135,13 +135,13 @@ def test_metrics_windows_survive_a_resume_between_logged_steps(tmp_path, data16,
     assert [r["step"] for r in want] == [4, 8] and [r["images"] for r in want] == [64, 128]
     out = capsys.readouterr().out
     assert f"step 4 | images 64 | loss {want[0]['loss']:.4f} | proj_loss {want[0]['proj_loss']:.4f}" in out
-    monkeypatch.setenv(TEST_SIGNAL_ENV, "2")  # the signal arrives during step 3 (0-based 2)
-    first = train(cfg(tmp_path / "cut", data16, **kw))
+    with pytest.MonkeyPatch.context() as mp:
+        sigterm_at_step(mp.setattr, 2)  # the signal arrives during step 3 (0-based 2)
+        first = train(cfg(tmp_path / "cut", data16, **kw))
     assert first["stopped_by"] == "SIGTERM" and first["steps"] == 3
     state = C.read_extra(C.latest(str(tmp_path / "cut" / "w" / "checkpoints"))[1])
     assert state["images"] == 48 and state["batch_size"] == 16 and state["metrics_window"]["n"] == 3
     assert state["data"] == {"epoch": 0, "batch_in_epoch": 3}
-    monkeypatch.delenv(TEST_SIGNAL_ENV)
     rerun = train(cfg(tmp_path / "cut", data16, **kw))
     assert rerun["resumed_from"] == 3
     got = [json.loads(line) for line in open(tmp_path / "cut" / "w" / "metrics.jsonl")]

@@ -55,10 +55,6 @@ written is always kept) and every incomplete directory are deleted. K=None keeps
 (e.g. a torch.Generator state) are not accepted: the trainer seeds every draw by (seed, step, index of the sample in the global batch).
 DCP itself stores non-tensor optimizer values (lr, betas, param names) as small pickled entries of plain
 Python types; no object of this package is ever pickled.
-
-Test hook: FASTREPA_TEST_CRASH_IN_SAVE=after_shards raises SimulatedCrash on every rank after the shards
-and train_state.json are written and before the marker; =after_marker raises after the marker and before
-the rename; a suffix @N (after_shards@4) limits it to the save of step N. For tests only.
 """
 from __future__ import annotations
 
@@ -87,12 +83,7 @@ MARKER = "COMMITTED"
 STATE_FILE = "train_state.json"
 COMPONENTS = ("model", "ema", "optim")
 PARTIAL, OLD = ".partial", ".old"
-TEST_CRASH_ENV = "FASTREPA_TEST_CRASH_IN_SAVE"
 _NAME = re.compile(r"^step-(\d{9})(\.partial|\.old)?$")
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by the FASTREPA_TEST_CRASH_IN_SAVE test hook; never in normal use."""
 
 
 def step_dir_name(step: int) -> str:
@@ -144,11 +135,6 @@ def _dcp_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
-
-
-def _test_hook(point: str, step: int) -> None:
-    if os.environ.get(TEST_CRASH_ENV) in (point, f"{point}@{step}"):
-        raise SimulatedCrash(f"{TEST_CRASH_ENV}={point}: simulated crash in the middle of a save (test hook)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,7 +340,6 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
             f.flush()
             os.fsync(f.fileno())
     on_rank0(write_state, f"writing {STATE_FILE}")
-    _test_hook("after_shards", step)
     _barrier()
 
     def commit():
@@ -367,7 +352,6 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
                             "time": time.time(), "torch": torch.__version__, "files": _list_files(partial)})
         _fsync_dir(partial)
     on_rank0(commit, f"committing {partial}")
-    _test_hook("after_marker", step)
 
     def publish():
         old = final + OLD

@@ -47,11 +47,9 @@ from fastrepa.train.rng import draw_step
 from fastrepa.train.schedule import lr_at
 from fastrepa.train.signals import StopRequest
 from fastrepa.train.sinks import check_report_to, open_sinks
-from fastrepa.train.step import TEST_NAN_ENV, TrainStep, hook_step
+from fastrepa.train.step import TrainStep
 from fastrepa.vae import decode_to_uint8, load_vae, save_grid
 
-TEST_EXIT_ENV = "FASTREPA_TEST_EXIT_AFTER_STEP"  # test hook "k" / "k:r": os._exit(3) after step k (on rank r)
-TEST_SIGNAL_ENV = "FASTREPA_TEST_SIGTERM_AT_STEP"  # test hook: rank 0 sends itself SIGTERM during step k+1
 
 
 class NonFiniteError(RuntimeError):
@@ -293,7 +291,7 @@ class Trainer:
         """Step s's random draws of this rank's samples, on the device (copied asynchronously)."""
         return self.step_fn.to_device(draw_step(self.cfg.seed, s, self.first, self.local_batch, self.objective.draw))
 
-    def step(self, batch: dict, stop_flag: bool = False, poison: bool = False):
+    def step(self, batch: dict, stop_flag: bool = False):
         """One optimizer step on this rank's `batch`, then its bookkeeping: the non-finite policy, the
         metrics row, the checkpoint and the sample grid when due. Returns the StepResult."""
         cfg, s = self.cfg, self.step_now
@@ -306,7 +304,7 @@ class Trainer:
             self.pending[s + 1] = self.draw(s + 1)
 
         ctx = StepContext(step=s, epoch=s // max(self.steps_per_epoch, 1))
-        res = self.step_fn(batch, draws, lr=self.lr(s), ctx=ctx, stop_flag=stop_flag, poison=poison,
+        res = self.step_fn(batch, draws, lr=self.lr(s), ctx=ctx, stop_flag=stop_flag,
                            before_sync=draw_next)
         if not res.finite:
             what = (f"step {s}: loss {float(res.total)} / grad norm {float(res.grad_norm)} is not finite; the "
@@ -352,10 +350,7 @@ class Trainer:
         """Train to --max-train-steps (or a stop request); returns (and, on rank 0, writes) the run report."""
         if not self.built:
             self.build()
-        cfg, env = self.cfg, self.env
-        exit_after = hook_step(TEST_EXIT_ENV, env.rank)
-        signal_at = int(os.environ.get(TEST_SIGNAL_ENV, "-1"))
-        nan_at = hook_step(TEST_NAN_ENV, env.rank)
+        cfg = self.cfg
         start_step = self.step_now
         self.model.train()
         # in images; on rank 0 also when stderr is a log file (then redrawn once a minute, not 10 times a second)
@@ -367,17 +362,13 @@ class Trainer:
             for batch in self.loader:
                 if self.step_now >= self.max_steps:
                     break
-                if self.rank0 and self.step_now == signal_at:
-                    os.kill(os.getpid(), StopRequest.SIGNALS[0])
-                res = self.step(batch, stop_flag=stop.flag, poison=self.step_now == nan_at)
+                res = self.step(batch, stop_flag=stop.flag)
                 if res.stop:
                     self.stopped = stop.name
                     if self.rank0:
                         print(f"\n{self.stopped}: stopped after step {self.step_now}; checkpoint {self.last_ckpt}",
                               flush=True)
                     break
-                if self.step_now == exit_after:
-                    os._exit(3)
         self.bar.close()
         train_time = time.time() - t_train
         return self.finish(start_step, train_time)

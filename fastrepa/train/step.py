@@ -17,7 +17,6 @@ whether that stops the run or is skipped and counted (--on-nonfinite).
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -28,7 +27,6 @@ from fastrepa.train.ema import update_ema
 from fastrepa.train.parallel import all_reduce_sum, clip_grad_norm, grad_sync, reshard
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-TEST_NAN_ENV = "FASTREPA_TEST_NAN_AT_STEP"  # test hook "k" or "k:rank": that rank's loss is NaN at step k
 
 
 @dataclass
@@ -38,15 +36,6 @@ class StepResult:
     grad_norm: torch.Tensor  # the global grad norm before clipping
     finite: bool  # loss and grad norm finite: the weights were updated
     stop: bool  # some rank asked to stop (SIGTERM / SIGINT) during this step
-
-
-def hook_step(env_var: str, rank: int) -> int:
-    """The step a test hook variable ("k": every rank, "k:r": rank r only) names for this rank (-1: none)."""
-    value = os.environ.get(env_var, "")
-    if not value:
-        return -1
-    step, _, on_rank = value.partition(":")
-    return int(step) if not on_rank or int(on_rank) == rank else -1
 
 
 class TrainStep:
@@ -72,7 +61,7 @@ class TrainStep:
         return {k: t.pin_memory().to(self.device, non_blocking=True) for k, t in draws.items()}
 
     def __call__(self, batch: dict, draws: dict, *, lr: float, ctx: StepContext | None = None,
-                 stop_flag: bool = False, poison: bool = False, before_sync=None) -> StepResult:
+                 stop_flag: bool = False, before_sync=None) -> StepResult:
         """batch: this rank's samples as a dict (image, moments, label, ...); draws: their random draws
         (fastrepa.train.rng.draw_step), best already on the device (`to_device`, e.g. in the previous step's
         before_sync). ctx: the step and epoch (the teacher and autocast are filled in here).
@@ -89,8 +78,6 @@ class TrainStep:
             part = slice(k * n // accum, (k + 1) * n // accum)
             with self.autocast():
                 loss, terms = obj.loss(self.model, slice_inputs(inputs, part), ctx)
-            if poison:
-                loss = loss * float("nan")
             with grad_sync(self.model, enabled=k == accum - 1):
                 self.scaler.scale(loss / accum).backward()
             total_sum = total_sum + loss.detach() / accum
