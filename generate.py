@@ -17,6 +17,8 @@ import shutil
 import sys
 import time
 
+from fastrepa.io import write_json
+
 
 def build_parser():
     from fastrepa.eval.inception import PREPROCESS_MODES
@@ -140,14 +142,6 @@ def _discard_previous(sample_dir: str, shard_dir: str, png_dir: str) -> None:
     f = old.get("samples")
     if f and os.path.abspath(f).startswith(root) and os.path.isfile(f):
         os.remove(f)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -302,7 +296,7 @@ class Generator:
             for f in os.listdir(shard_dir):  # leftovers of a killed run; nobody writes before the barrier
                 if ".tmp" in f:
                     os.remove(os.path.join(shard_dir, f))
-            _write_json(os.path.join(shard_dir, SETTINGS_FILE), settings)
+            write_json(os.path.join(shard_dir, SETTINGS_FILE), settings, indent=2)
         env.barrier()
 
         # Inception features while sampling (--ref with --stream-features): tagged with the weights' sha256 and
@@ -461,7 +455,7 @@ class Generator:
             report["eval"] = {"settings": ev["settings"], "notes": ev["notes"]}
         report["timing"]["total_seconds"] = round(time.time() - self.t0, 3)
         report_path = os.path.join(a.sample_dir, "generate.json")
-        _write_json(report_path, report)
+        write_json(report_path, report, indent=2)
         print(f"wrote {report_path}", flush=True)
         return 0
 

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark suites: the run context, timing, probes, environment, results files.
 
-Timing (DESIGN.md, "Performance discipline"): the median of `repeats` timed calls after a warm-up.
+Timing (docs/design.md, "Performance discipline"): the median of `repeats` timed calls after a warm-up.
 - CUDA: one pair of CUDA events around each call, the L2 cache flushed (a 256 MiB memset) and the
   gradients of the given leaves reset to None before each call, as `triton.testing.do_bench` does, but
   with a fixed count of repeats (`--repeats`) instead of a time budget. As with do_bench, a call whose
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastrepa.io import write_text
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEMA = "fastrepa-bench/1"
@@ -349,12 +351,6 @@ def render_markdown(doc):
 
 # ---------------------------------------------------------------------------------- results files
 
-def _write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _finite(obj):
     """JSON has no NaN/Inf: such values (a kernel that returned NaN, say) are kept as strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -392,7 +388,7 @@ def write_results(out_dir, slug, date, device_name, env, suites):
                     or any(name in doc.get("suites", {}) for name in suites)):
                 continue
         doc["suites"].update(_finite(suites))
-        _write_atomic(jpath, json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        _write_atomic(mpath, render_markdown(doc))
+        write_text(jpath, json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        write_text(mpath, render_markdown(doc))
         return jpath, mpath
     raise RuntimeError(f"no free results file name for {slug}-{date} in {out_dir}")

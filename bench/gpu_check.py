@@ -64,6 +64,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from fastrepa.io import atomic_path, write_text  # noqa: E402 - standard library only, needs no install
 BENCH = ROOT / "bench"
 SCHEMA = "fastrepa-gpu-check/1"
 DEFAULT_BUDGET = 500  # seconds: < 8.5 minutes with margin for writing the files
@@ -323,14 +325,12 @@ class Check:
         paths = {"md": self.out / f"{self.stem}.md", "json": self.out / f"{self.stem}.json",
                  "logs": self.out / f"{self.stem}-logs.tar.gz"}
         self.record["files"] = {k: p.name for k, p in paths.items()}
-        _atomic(paths["json"], json.dumps(_finite(self.record), indent=1, allow_nan=False) + "\n")
-        _atomic(paths["md"], render_summary(self.record))
-        tmp = paths["logs"].with_name(paths["logs"].name + ".tmp")
-        with tarfile.open(tmp, "w:gz") as tar:
+        write_text(paths["json"], json.dumps(_finite(self.record), indent=1, allow_nan=False) + "\n")
+        write_text(paths["md"], render_summary(self.record))
+        with atomic_path(paths["logs"]) as tmp, tarfile.open(tmp, "w:gz") as tar:
             for sub in ("logs", "bench", "junit", "runs-meta"):
                 if (self.work / sub).exists():
                     tar.add(self.work / sub, arcname=f"{self.stem}/{sub}")
-        os.replace(tmp, paths["logs"])
         return paths
 
     def choose_stem(self, slug):
@@ -354,12 +354,6 @@ def kill_group(p):
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _finite(obj):

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from fastrepa.io import atomic_path
+
 WEIGHT_KEYS = ("ema", "model")
 
 
@@ -107,15 +109,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkp
 
 
 def save_checkpoint_file(path: str, ckpt: dict) -> None:
-    """torch.save to a temporary file beside `path`, then an atomic rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """torch.save, published atomically (fastrepa.io)."""
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cpu_state_dict(module: torch.nn.Module) -> dict:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
+from fastrepa.io import atomic_open
 from fastrepa.models import OVERRIDES, build_model, family_of
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 from fastrepa.train.rng import index_generator, index_generators
@@ -281,7 +282,7 @@ def write_shard(folder: str, start: int, end: int, images, features: dict | None
                 features_id: str | None = None) -> str:
     """Samples start..end-1 as arr_0 uint8 [n, H, W, 3] and, when given, their Inception features
     (`fastrepa.eval.image_features`: pool, spatial, logits, n rows each) tagged with `features_id`, in
-    one .npz written atomically (temp file + os.replace): a shard file is complete or absent, and so
+    one .npz written atomically (fastrepa.io): a shard file is complete or absent, and so
     never holds images without their features or features without their images."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != end - start:
@@ -296,9 +297,8 @@ def write_shard(folder: str, start: int, end: int, images, features: dict | None
         arrays[FEATURES_ID_KEY] = np.array(str(features_id))
     os.makedirs(folder, exist_ok=True)
     path = shard_path(folder, start, end)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -394,6 +394,5 @@ def write_pngs(images: torch.Tensor, start: int, folder: str) -> None:
 
 def write_npz(images: np.ndarray, path: str) -> None:
     """The ADM evaluator's input: arr_0 uint8 [N, H, W, 3]; written atomically."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, arr_0=images)

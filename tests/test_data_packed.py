@@ -134,17 +134,17 @@ def test_pickled_dataset_carries_no_arrays(packs):
 @pytest.mark.parametrize("fmt", ["raw", "jpeg"])
 def test_crash_then_resume_gives_the_same_pack(packs, tmp_path, monkeypatch, fmt):
     dst = str(tmp_path / "out")
-    real, calls = pack_mod._atomic_json, []
+    real, calls = pack_mod.write_json, []
 
     def dying(path, obj):
         calls.append(path)
         if len(calls) == 3:  # the start, chunk 1 committed; killed before chunk 2 is committed
             raise KeyboardInterrupt
         real(path, obj)
-    monkeypatch.setattr(pack_mod, "_atomic_json", dying)
+    monkeypatch.setattr(pack_mod, "write_json", dying)
     with pytest.raises(KeyboardInterrupt):
         pack(packs["src"], dst, fmt, jpeg_quality=95, chunk=7, progress=False)
-    monkeypatch.setattr(pack_mod, "_atomic_json", real)
+    monkeypatch.setattr(pack_mod, "write_json", real)
     assert not os.path.exists(os.path.join(dst, "manifest.json"))
     assert json.load(open(os.path.join(dst, ".pack", "state.json")))["done"] == 7
     with pytest.raises(FileNotFoundError, match="unfinished pack"):

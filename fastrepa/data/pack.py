@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from fastrepa.data.folder import REPAFolderDataset
+from fastrepa.io import write_json
 from fastrepa.data.packed import (FILES, FORMAT_NAME, FORMAT_VERSION, IMAGE_FORMATS, MANIFEST, PackedDataset,
                                   sha256_file)
 
@@ -37,15 +38,6 @@ STATE_DIR = ".pack"
 
 class PackError(ValueError):
     """Bad input or settings for packing; the message names the file, folder or flag."""
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _source_name(ds, i: int) -> str:
@@ -168,7 +160,7 @@ def pack(src: str, dst: str, image_format: str = "raw", jpeg_quality: int = 95, 
     final = {role: os.path.join(dst, name) for role, name in names.items()}
     if not state:
         state = {"settings": settings, "done": 0, "jpeg_bytes": 0, "jpeg_copied": 0}
-        _atomic_json(os.path.join(state_dir, "state.json"), state)
+        write_json(os.path.join(state_dir, "state.json"), state)
         for path in tmp.values():  # leftovers of a run killed before its first state file
             if os.path.exists(path):
                 os.remove(path)
@@ -199,7 +191,7 @@ def pack(src: str, dst: str, image_format: str = "raw", jpeg_quality: int = 95, 
         "files": files, "pack_settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds_last_run": round(time.time() - t0, 3),
     }
-    _atomic_json(os.path.join(dst, MANIFEST), manifest)
+    write_json(os.path.join(dst, MANIFEST), manifest)
     shutil.rmtree(state_dir, ignore_errors=True)
     if verify:
         PackedDataset(dst, verify=True)
@@ -256,7 +248,7 @@ def _write_samples(ds, src, state, tmp, image_format, quality, image_shape, mome
                 os.fsync(blob.fileno())
                 state["jpeg_bytes"] = blob.tell()
             state["done"] = batch[-1][0] + 1
-            _atomic_json(state_path, state)
+            write_json(state_path, state)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import time
-import uuid
 import zipfile
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 from PIL import Image
 
 from fastrepa.data.center_crop import center_crop_arr
+from fastrepa.io import atomic_open, write_json
 
 STATE_DIR = ".prepare"
 PER_FOLDER = 1000
@@ -160,24 +160,6 @@ class Source:
         return dict(self.__dict__, _zip=None)
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(f) into a temporary file next to `path`, then rename it over `path`. The temporary name is
-    unique to this call (created exclusively), so processes writing the same file, on one host or
-    several, never share or remove each other's temporaries."""
-    tmp = f"{path}.tmp{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    f = open(tmp, "xb")
-    try:
-        with f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
-def _atomic_json(path: str, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
 
 class _ShardReader(torch.utils.data.Dataset):
     """Item k of the shard: decode + center crop + write the PNG (in the worker). Errors come back as
@@ -198,8 +180,8 @@ class _ShardReader(torch.utils.data.Dataset):
             return i, None, f"{type(e).__name__}: {e}"
         path = os.path.join(self.images_dir, image_name(i))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_write(path, lambda f: Image.fromarray(arr).save(f, format="png", compress_level=self.png_level,
-                                                                 optimize=False))
+        with atomic_open(path, "wb") as f:
+            Image.fromarray(arr).save(f, format="png", compress_level=self.png_level, optimize=False)
         return i, arr, None
 
 
@@ -227,7 +209,7 @@ def _check_settings(dest: str, settings: dict) -> None:
                                f"({STATE_DIR}/config.json): give an empty or new folder")
     os.makedirs(state, exist_ok=True)
     if not os.path.isfile(cfg_path):
-        _atomic_json(cfg_path, settings)
+        write_json(cfg_path, settings)
         return
     with open(cfg_path) as f:
         old = json.load(f)
@@ -319,10 +301,11 @@ def _run_shard(src, s, shard_size, resolution, vae, device, batch_size, skip_bad
             for (i, _), m in zip(good, moments):
                 path = os.path.join(features_dir, feature_name(i))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _atomic_write(path, lambda f, m=m: np.save(f, m))
+                with atomic_open(path, "wb") as f:
+                    np.save(f, m)
                 done.append(i)
         bar.update(len(batch))
-    _atomic_json(_marker(dest, s), {"shard": s, "indices": done, "skipped": skipped})
+    write_json(_marker(dest, s), {"shard": s, "indices": done, "skipped": skipped})
 
 
 def _finalize(src, dest, num_shards, settings, seconds, rank) -> dict | None:
@@ -352,14 +335,14 @@ def _finalize(src, dest, num_shards, settings, seconds, rank) -> dict | None:
                         pass
     for sub, name in (("images", image_name), ("vae-sd", feature_name)):
         os.makedirs(os.path.join(dest, sub), exist_ok=True)
-        _atomic_json(os.path.join(dest, sub, "dataset.json"),
+        write_json(os.path.join(dest, sub, "dataset.json"),
                      {"labels": [[name(i), src.labels[i]] for i in indices]})
     report = {"source": settings["source"], "dest": os.path.abspath(dest), "resolution": settings["resolution"],
               "vae": settings["vae"], "num_source_images": len(src.files), "num_written": len(indices),
               "num_skipped": len(skipped), "skipped": skipped, "num_classes": len(src.classes),
               "classes": src.classes, "shards": num_shards, "shard_size": settings["shard_size"],
               "seconds_last_run": round(seconds, 3)}
-    _atomic_json(os.path.join(dest, "prepare.json"), report)
+    write_json(os.path.join(dest, "prepare.json"), report)
     return report
 
 

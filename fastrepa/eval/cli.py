@@ -14,8 +14,6 @@ features it computed while sampling, so both paths score with the same code.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from fastrepa.io import atomic_open, write_json
 
 from .features import Activations, compute_activations
 from .inception import PREPROCESS_MODES, features_id, file_sha256, find_weights, load_inception
@@ -87,17 +87,6 @@ def _device(args) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalInputError(f"--device {device}: CUDA is not available")
     return device
-
-
-def _write_atomic(path, write) -> Path:
-    """write(binary file) to a temporary file beside `path`, then an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-    return path
 
 
 def _progress(label: str, total: int, quiet: bool):
@@ -210,7 +199,8 @@ def main(argv: Optional[Sequence[str]] = None, quiet: bool = False) -> dict:
                       weights_sha256=sha, batch_size=args.batch_size, device=device,
                       fd_method=args.fd_method, use_cache=not args.no_cache, quiet=quiet, t0=t0)
     if args.out:
-        out = _write_atomic(args.out, lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+        out = Path(args.out)
+        write_json(out, report, indent=2)
         if not quiet:
             print(f"wrote {out}")
     return report
@@ -232,7 +222,9 @@ def make_ref(argv: Sequence[str], quiet: bool = False) -> dict:
     stats = ref.stats(model, feats_id, args.batch_size, use_cache=not args.no_cache,
                       progress=_progress("reference", len(ref.images), quiet))
     arrays = {**{k: getattr(stats, k) for k in STAT_KEYS}, POOL_KEY: stats.pool, POOL_SHA_KEY: np.array(feats_id)}
-    out = _write_atomic(args.out, lambda f: np.savez(f, **arrays))
+    out = Path(args.out)
+    with atomic_open(out, "wb") as f:
+        np.savez(f, **arrays)
     if not quiet:
         print(f"wrote {out}: the statistics of {stats.num_images} images of {args.ref}")
     return {"out": str(out), "num_images": stats.num_images, "inception_sha256": sha,

@@ -33,6 +33,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from fastrepa.io import atomic_open
+
 from .features import compute_activations
 from .inception import POOL_DIM, SPATIAL_DIM, short_features_id
 
@@ -268,14 +270,11 @@ class ReferenceFile:
 
     def _save_cache(self, features_id: str, data: dict, meta: dict) -> None:
         cp = self.cache_path(features_id)
-        tmp = cp.with_name(cp.name + f".tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(cp, "wb") as f:
                 np.savez(f, **data, **{k: np.asarray(v) for k, v in meta.items()})
-            os.replace(tmp, cp)
         except OSError as e:
             warnings.warn(f"could not write stats cache {cp}: {e}")
-            tmp.unlink(missing_ok=True)
 
     def _file_only(self, features_id: Optional[str]) -> ReferenceStats:
         s, notes, pool = self.file_stats, [], None

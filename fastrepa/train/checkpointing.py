@@ -77,6 +77,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from fastrepa.checkpoint import CheckpointError, raise_on_mismatch, save_checkpoint_file
+from fastrepa.io import TEMP_MARK, atomic_path, fsync_dir, write_json, write_text
 
 FORMAT = "fastrepa-dcp-1"
 MARKER = "COMMITTED"
@@ -140,37 +141,11 @@ def _dcp_quiet():
 # ----------------------------------------------------------------------------------------------------
 # small file helpers
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _list_files(path: str) -> dict:
     out = {}
     for dirpath, _, files in os.walk(path):
         for name in files:
-            if name == MARKER or ".tmp-" in name:
+            if name == MARKER or TEMP_MARK in name:
                 continue
             full = os.path.join(dirpath, name)
             out[os.path.relpath(full, path)] = os.path.getsize(full)
@@ -334,12 +309,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
                      no_dist=not _distributed())
     del sds
 
-    def write_state():
-        with open(os.path.join(partial, STATE_FILE), "w") as f:
-            f.write(state_json)
-            f.flush()
-            os.fsync(f.fileno())
-    on_rank0(write_state, f"writing {STATE_FILE}")
+    on_rank0(lambda: write_text(os.path.join(partial, STATE_FILE), state_json), f"writing {STATE_FILE}")
     _barrier()
 
     def commit():
@@ -347,10 +317,11 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
         for c in components:
             if not os.path.isfile(os.path.join(partial, c, ".metadata")):
                 raise CheckpointError(f"{partial}/{c} has no DCP .metadata after the save")
-        _write_json_atomic(os.path.join(partial, MARKER),
+        write_json(os.path.join(partial, MARKER),
                            {"format": FORMAT, "step": int(step), "world_size": world, "components": components,
-                            "time": time.time(), "torch": torch.__version__, "files": _list_files(partial)})
-        _fsync_dir(partial)
+                    "time": time.time(), "torch": torch.__version__, "files": _list_files(partial)},
+                   sort_keys=True)
+        fsync_dir(partial)
     on_rank0(commit, f"committing {partial}")
 
     def publish():
@@ -361,7 +332,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
         if replaced:
             os.replace(final, old)
         os.replace(partial, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if replaced:
             shutil.rmtree(old, ignore_errors=True)
         _cleanup(root, keep_last, keep=final)
@@ -567,14 +538,8 @@ def export_ema_safetensors(ema: torch.nn.Module | str, out_file: str, config: di
     meta = {"format": "pt", "producer": "fastrepa", "config": json.dumps(config, sort_keys=True)}
 
     def write():
-        os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-        tmp = f"{out_file}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(out_file) as tmp:
             save_file(_plain(sd), tmp, metadata=meta)
-            os.replace(tmp, out_file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     if isinstance(ema, (str, os.PathLike)):
         write()
     else:
