@@ -1,10 +1,10 @@
 """Fused ops of fastrepa, imported as `fastrepa.kernels`.
 
-Each op lives in its own module as three things side by side (DESIGN.md, "The fused-op rule"):
-`<op>_reference` (plain PyTorch, the definition of its semantics), the Triton forward/backward kernels
-registered as torch.library custom ops with autograd, and the public `<op>(..., impl="auto")` that
-the model calls. `impl` is "triton", "torch" or "auto" (Triton on CUDA, the reference elsewhere);
-see `_dispatch.py`.
+Each op lives in its own module as three things side by side (docs/design.md, "The fused-op rule"),
+in this order in every file: `<op>_reference` (plain PyTorch, the definition of its semantics), the
+Triton forward/backward kernels, their launch helpers and torch.library custom ops with autograd, and
+the public `<op>(..., impl="auto")` that the model calls. `impl` is "triton", "torch" or "auto"
+(Triton on CUDA, the reference elsewhere); see `_dispatch.py`.
 """
 from ._dispatch import IMPLS, check_impl, use_triton
 from .adaln import (

@@ -3,7 +3,7 @@
 Semantics (official SiT): LayerNorm without affine, eps 1e-6, then `modulate(h) = h * (1 + scale) +
 shift` with shift/scale [B, D] broadcast over the T tokens; the residual update is `x + gate * y`.
 
-Three ops, each as reference + Triton kernels + public function (DESIGN.md, the fused-op rule):
+Three ops, each as reference + Triton kernels + public function (docs/design.md, "The fused-op rule"):
 - layernorm_modulate(x, shift, scale)                        -> h
 - gated_residual(x, gate, y)                                  -> x + gate * y
 - gated_residual_layernorm_modulate(x, gate, y, shift, scale) -> (x', h), one pass: the boundary
@@ -29,8 +29,8 @@ if HAS_TRITON:
     import triton.language as tl
 
 # --------------------------------------------------------------------------------------------------
-# 1. References: the definition of the semantics.
-
+# 1. References: plain PyTorch, the definition of the semantics.
+# --------------------------------------------------------------------------------------------------
 
 def layernorm_modulate_reference(x, shift, scale, eps: float = 1e-6):
     """LN(x) * (1 + scale) + shift, LN over the last dim without affine; fp32 inside."""
@@ -52,7 +52,7 @@ def gated_residual_layernorm_modulate_reference(x, gate, y, shift, scale, eps: f
 
 # --------------------------------------------------------------------------------------------------
 # 2. Triton kernels.
-
+# --------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:  # the kernels exist only where triton does; the references work everywhere
     @triton.jit
@@ -172,8 +172,8 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
 
 
 # --------------------------------------------------------------------------------------------------
-# Launch helpers and the custom ops (torch.library, so torch.compile keeps them in its graph).
-
+# 3. Launch helpers, the torch.library custom ops (torch.compile keeps them in its graph), autograd.
+# --------------------------------------------------------------------------------------------------
 
 def _tiling(T, D):
     BLOCK_D = block_size(D)
@@ -376,8 +376,8 @@ _gated_residual_fwd.register_autograd(_gated_residual_backward, setup_context=_g
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The public ops the model calls.
-
+# 4. The public ops the model calls.
+# --------------------------------------------------------------------------------------------------
 
 def layernorm_modulate(x, shift, scale, eps: float = 1e-6, impl: str = "auto"):
     """LN(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]."""

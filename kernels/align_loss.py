@@ -35,6 +35,28 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+
+# --------------------------------------------------------------------------------------------------
+# 1. Reference: plain PyTorch, the definition of the semantics.
+# --------------------------------------------------------------------------------------------------
+
+def _fp32_or_wider(x):
+    """x.float(), except that fp64 stays fp64 (so the reference on .double() inputs is the oracle)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def alignment_loss_reference(z, z_tilde):
+    """z (encoder features) and z_tilde (projector output), both [B, T, C] -> [B]."""
+    z = F.normalize(_fp32_or_wider(z), dim=-1)
+    z_tilde = F.normalize(_fp32_or_wider(z_tilde), dim=-1)
+    return -(z * z_tilde).sum(dim=-1).mean(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Triton kernel.
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # the kernels exist only where triton does; the references work everywhere
     @triton.jit
     def _align_fwd_kernel(z_ptr, t_ptr, loss_ptr, gz_ptr, gt_ptr, R, T, C,
                           szb, szt, szc, stb, stt, stc, eps,
@@ -69,6 +91,10 @@ if HAS_TRITON:
             gz = (cz[:, None] * zh - th) / dz[:, None]
             tl.store(gz_ptr + out_off, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
+
+# --------------------------------------------------------------------------------------------------
+# 3. The torch.library custom op and its autograd.
+# --------------------------------------------------------------------------------------------------
 
 def _grad_buffer(x, need):
     return torch.empty(x.shape if need else (0,), dtype=x.dtype, device=x.device)
@@ -127,17 +153,9 @@ def _align_backward(ctx, grad_loss, _grad_gz, _grad_gt):
 _align_fwd.register_autograd(_align_backward, setup_context=_align_setup_context)
 
 
-def _fp32_or_wider(x):
-    """x.float(), except that fp64 stays fp64 (so the reference on .double() inputs is the oracle)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def alignment_loss_reference(z, z_tilde):
-    """z (encoder features) and z_tilde (projector output), both [B, T, C] -> [B]."""
-    z = F.normalize(_fp32_or_wider(z), dim=-1)
-    z_tilde = F.normalize(_fp32_or_wider(z_tilde), dim=-1)
-    return -(z * z_tilde).sum(dim=-1).mean(dim=-1)
-
+# --------------------------------------------------------------------------------------------------
+# 4. The public op.
+# --------------------------------------------------------------------------------------------------
 
 def alignment_loss(z, z_tilde, impl: str = "auto"):
     """z (encoder features) and z_tilde (projector output), both [B, T, C] -> [B] fp32."""

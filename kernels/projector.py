@@ -26,6 +26,28 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+
+# --------------------------------------------------------------------------------------------------
+# 1. References: plain PyTorch, the definition of the semantics.
+# --------------------------------------------------------------------------------------------------
+
+def bias_silu_reference(a, bias):
+    """silu(a + bias) computed in fp32, returned in a's dtype. a [..., N], bias [N]."""
+    wide = torch.float64 if a.dtype == torch.float64 else torch.float32  # fp64: the test oracle
+    return F.silu(a.to(wide) + bias.to(wide)).to(a.dtype)
+
+
+def projector_reference(x, w0, b0, w1, b1, w2, b2):
+    h = F.silu(F.linear(x, w0, b0))
+    h = F.silu(F.linear(h, w1, b1))
+    return F.linear(h, w2, b2)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Triton kernels.
+# --------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:  # the kernels exist only where triton does; the references work everywhere
     @triton.jit
     def _bias_silu_fwd_kernel(a_ptr, b_ptr, y_ptr, M, N, stride_am, stride_an,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -68,6 +90,10 @@ if HAS_TRITON:
         if COMPUTE_DB:
             tl.store(dbp_ptr + pid_m * N + cols, acc, mask=cmask)
 
+
+# --------------------------------------------------------------------------------------------------
+# 3. Launch helpers, the torch.library custom ops and their autograd.
+# --------------------------------------------------------------------------------------------------
 
 def _blocks(M, N):
     block_n = min(block_size(N), 256)
@@ -151,11 +177,9 @@ def _bias_silu_backward(ctx, grad):
 _bias_silu_fwd.register_autograd(_bias_silu_backward, setup_context=_bias_silu_setup_context)
 
 
-def bias_silu_reference(a, bias):
-    """silu(a + bias) computed in fp32, returned in a's dtype. a [..., N], bias [N]."""
-    wide = torch.float64 if a.dtype == torch.float64 else torch.float32  # fp64: the test oracle
-    return F.silu(a.to(wide) + bias.to(wide)).to(a.dtype)
-
+# --------------------------------------------------------------------------------------------------
+# 4. The public ops the model calls.
+# --------------------------------------------------------------------------------------------------
 
 def bias_silu(a, bias, impl: str = "auto"):
     """silu(a + bias) in a's dtype (fp32 math inside); the fused Triton epilogue or the reference."""
@@ -165,12 +189,6 @@ def bias_silu(a, bias, impl: str = "auto"):
                              f"{a.shape[-1]}")
         return _bias_silu_fwd(a, bias)
     return bias_silu_reference(a, bias)
-
-
-def projector_reference(x, w0, b0, w1, b1, w2, b2):
-    h = F.silu(F.linear(x, w0, b0))
-    h = F.silu(F.linear(h, w1, b1))
-    return F.linear(h, w2, b2)
 
 
 def projector(x, w0, b0, w1, b1, w2, b2, impl: str = "auto"):

@@ -20,7 +20,7 @@ RoPE convention (2D axial, rotate-half pairs):
       out_{j+m} = x_{j+m} * cos + x_j     * sin
 - angles, cos and sin are computed in fp32 (fp64 when the reference runs on fp64 inputs).
 
-Implementations (DESIGN.md, "The fused-op rule"):
+Implementations, in this order below (docs/design.md, "The fused-op rule"):
 - `qk_norm_rope_reference`: plain PyTorch, the definition (fp32 inside, outputs in qkv.dtype). Where
   nothing is computed (v always, q/k without norm and RoPE) it returns views of qkv, as timm does.
 - the Triton kernels below, registered as torch.library custom ops `fastrepa::qk_norm_rope_fwd` /
@@ -37,11 +37,16 @@ import torch.nn.functional as F
 
 from ._dispatch import HAS_TRITON, block_size, num_warps_for, use_triton
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
 NORMS = ("layernorm", "rmsnorm")
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. Reference
+# 1. Reference: plain PyTorch, the definition of the semantics.
 # --------------------------------------------------------------------------------------------------
 
 def _check(qkv, num_heads, norm, rope_grid):
@@ -120,8 +125,9 @@ def qk_norm_rope_reference(qkv, num_heads: int, q_weight=None, q_bias=None, k_we
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Triton kernels
+# 2. Triton kernels.
 # --------------------------------------------------------------------------------------------------
+
 # Design envelope: head_dim up to 256 (any value; RoPE needs head_dim % 4 == 0), any H and B, any T
 # (grid (B*H, T tiles): the 65535 limit of grid axis 1 allows T up to 65535 * BLOCK_T >= 524k tokens).
 # One program handles a tile [BLOCK_T tokens, BLOCK_D lanes] of one (batch, head): it reads the q, k
@@ -135,10 +141,7 @@ def qk_norm_rope_reference(qkv, num_heads: int, q_weight=None, q_bias=None, k_we
 # recomputing x_hat from qkv and the saved stats; dv copied) and per-program fp32 partial sums of
 # dweight/dbias ([4, programs, hd]), which torch sums (no atomics, deterministic).
 
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
+if HAS_TRITON:  # the kernels exist only where triton does; the references work everywhere
     @triton.jit
     def _rope_tables(t, d, HD, GRID_W, log2_base):
         """cos and signed sin [BLOCK_T, BLOCK_D] (fp32) and the partner lane of each lane."""
@@ -313,15 +316,15 @@ if HAS_TRITON:
                   HAS_NORM, RMS, HAS_KW, HAS_KB, HAS_ROPE)
 
 
+# --------------------------------------------------------------------------------------------------
+# 3. Launch helpers, the torch.library custom ops (forward, backward) and autograd.
+# --------------------------------------------------------------------------------------------------
+
 def _tiles(T: int, hd: int):
     block_d = block_size(hd, 16)
     block_t = min(block_size(T, 2), max(2, 2048 // block_d))
     return block_t, block_d, num_warps_for(block_t * block_d)
 
-
-# --------------------------------------------------------------------------------------------------
-# 3. torch.library custom ops (forward, backward) and autograd
-# --------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastrepa::qk_norm_rope_fwd", mutates_args=())
 def _fwd(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], q_bias: Optional[torch.Tensor],
@@ -432,7 +435,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Public op
+# 4. The public op.
 # --------------------------------------------------------------------------------------------------
 
 def qk_norm_rope(qkv, num_heads: int, q_weight=None, q_bias=None, k_weight=None, k_bias=None,

@@ -1,4 +1,4 @@
-"""Shared checks for the Triton kernel tests (the tolerance rule of DESIGN.md).
+"""Shared checks for the Triton kernel tests (the tolerance rule of docs/design.md, "The fused-op rule").
 
 |kernel - fp64 oracle| <= 2 * |torch at the same dtype - fp64 oracle| + atol, elementwise in the max
 norm: the kernel may be no worse than twice plain PyTorch in the same precision.

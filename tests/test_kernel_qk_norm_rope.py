@@ -1,4 +1,5 @@
-"""kernels/qk_norm_rope.py: the Triton path against the reference and an fp64 oracle (DESIGN.md rule).
+"""kernels/qk_norm_rope.py: the Triton path against the reference and an fp64 oracle (the tolerance rule of
+docs/design.md, "The fused-op rule").
 
 Runs on kernel_checks.DEVICE: compiled on CUDA, or in the Triton CPU interpreter when there is no GPU
 (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay tiny: a few programs per launch.
