@@ -1,4 +1,5 @@
-"""Process-group setup from the torchrun environment, for generate.py and (later) the trainer.
+"""Processes and devices: the process group from the torchrun environment, the collectives every
+module uses (rank, barrier, sum), and the one device choice.
 
     dist_env = setup()           # reads RANK / WORLD_SIZE / LOCAL_RANK; one process without them
     ...
@@ -39,11 +40,58 @@ class DistEnv:
         return self.backend is not None
 
     def barrier(self) -> None:
-        if self.distributed:
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+        barrier()
+
+
+def is_distributed() -> bool:
+    """Whether a process group exists (torchrun with more than one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process); nccl barriers name this process's CUDA device."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (unchanged in one process); returns it."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def resolve_device(device: str | torch.device | None = None, what: str = "device",
+                   index: int | None = None) -> torch.device:
+    """The device to run on: None = CUDA when available, else the CPU; a CUDA device without an index gets
+    `index` (the local rank) or the current device. Errors name `what` (the flag or caller) when CUDA is
+    asked for but missing, or the device is neither cpu nor cuda."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{what} {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {device}: CUDA is not available here (use cpu)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device() if index is None
+                                  else index % torch.cuda.device_count())
+    elif device.type != "cpu":
+        raise ValueError(f"{what} {device}: expected 'cpu' or a CUDA device")
+    return device
 
 
 def _env_int(name: str, default: int) -> int:
@@ -66,14 +114,8 @@ def setup(device: str | torch.device | None = None, timeout_s: float = DEFAULT_T
     local_rank = _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} / WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device, "device", index=local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device cuda requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world == 1:
         return DistEnv(0, 1, local_rank, device, None)
@@ -106,4 +148,5 @@ def exit_process(code: int) -> None:
     sys.exit(code)
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistEnv", "exit_process", "setup", "teardown"]
+__all__ = ["DEFAULT_TIMEOUT_S", "DistEnv", "all_reduce_sum", "barrier", "exit_process", "is_distributed", "rank",
+           "resolve_device", "setup", "teardown", "world_size"]

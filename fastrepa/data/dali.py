@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastrepa.data.loader import as_batch
+from fastrepa.distributed import resolve_device
 
 INSTALL_HINT = "pip install fastrepa[dali]  (the PyPI package nvidia-dali-cuda130)"
 
@@ -63,20 +64,6 @@ class _BatchSource:
         return images, moments, ds.labels[idx]
 
 
-def _device(device):
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"DALI loader device {device}: CUDA is not available here (use device='cpu')")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise ValueError(f"DALI loader device {device}: expected 'cpu' or a CUDA device")
-    return device
-
-
 class DALILoader:
     """Iterable of (images uint8 [B, 3, H, W], moments float32 [B, 2C, h, w], labels int64 [B]) on `device`.
 
@@ -103,7 +90,7 @@ class DALILoader:
         if num_threads < 1 or prefetch < 1:
             raise ValueError(f"num_threads={num_threads}, prefetch={prefetch}: expected >= 1")
         self.dataset, self.sampler = dataset, sampler
-        self.device = _device(device)
+        self.device = resolve_device(device, "DALI loader device")
         self.num_threads, self.prefetch = num_threads, prefetch
         self._pipe = None
 

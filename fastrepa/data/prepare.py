@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from fastrepa.data.center_crop import center_crop_arr
+from fastrepa.distributed import resolve_device
 from fastrepa.io import atomic_open, write_json
 
 STATE_DIR = ".prepare"
@@ -255,8 +256,7 @@ def prepare(source: str, dest: str, resolution: int = 256, vae="mse", batch_size
     mine = [s for s in range(rank, num_shards, world_size)]
     pending = [s for s in mine if not os.path.isfile(_marker(dest, s))]
     if pending:
-        if device is None:
-            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device, "prepare device", index=int(os.environ.get("LOCAL_RANK", 0)))
         if isinstance(vae, str):
             from fastrepa.vae import load_vae
             vae = load_vae(vae, batch_size=batch_size)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from fastrepa.distributed import resolve_device
 from fastrepa.io import atomic_open, write_json
 
 from .features import Activations, compute_activations
@@ -83,10 +84,10 @@ def build_make_ref_parser() -> argparse.ArgumentParser:
 def _device(args) -> str:
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalInputError(f"--device {device}: CUDA is not available")
-    return device
+    try:
+        return str(resolve_device(args.device, "--device"))
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
 
 
 def _progress(label: str, total: int, quiet: bool):

@@ -77,6 +77,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from fastrepa.checkpoint import CheckpointError, raise_on_mismatch, save_checkpoint_file
+from fastrepa.distributed import barrier, is_distributed, rank, world_size
 from fastrepa.io import TEMP_MARK, atomic_path, fsync_dir, write_json, write_text
 
 FORMAT = "fastrepa-dcp-1"
@@ -94,31 +95,15 @@ def step_dir_name(step: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # process group helpers: everything works with no process group (one process)
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
-
-
 def on_rank0(fn, what: str):
     """Run fn on rank 0 only; every rank returns its result, or every rank raises if it failed."""
     result, err, exc = None, None, None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             result = fn()
         except BaseException as e:  # noqa: BLE001 -- reported to all ranks, then re-raised
             err, exc = f"{type(e).__name__}: {e}", e
-    if _distributed():
+    if is_distributed():
         box = [(result, err)]
         dist.broadcast_object_list(box, src=0)
         result, err = box[0]
@@ -302,15 +287,15 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
     on_rank0(prepare, f"preparing {partial}")
 
     sds = _state_dicts(model, ema, optimizer)
-    world = dist.get_world_size() if _distributed() else 1
+    world = world_size()
     for name, sd in sds.items():
         with _dcp_quiet():
             dcp.save(sd, storage_writer=FileSystemWriter(os.path.join(partial, name), sync_files=True),
-                     no_dist=not _distributed())
+                     no_dist=not is_distributed())
     del sds
 
     on_rank0(lambda: write_text(os.path.join(partial, STATE_FILE), state_json), f"writing {STATE_FILE}")
-    _barrier()
+    barrier()
 
     def commit():
         components = [c for c in COMPONENTS if os.path.isdir(os.path.join(partial, c))]
@@ -380,7 +365,7 @@ def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = Non
     for name, obj in wanted.items():
         if obj is not None and name not in marker["components"]:
             raise CheckpointError(f"checkpoint {path} has no {name} state (it holds {marker['components']})")
-    no_dist = not _distributed()
+    no_dist = not is_distributed()
 
     for name, module in (("model", model), ("ema", ema)):
         if module is None:
@@ -430,17 +415,17 @@ def _read_component(path: str, name: str) -> dict:
 
 def _full_model_sd(module) -> dict | None:
     """The full (unsharded) state dict on rank 0 as CPU tensors; None on the other ranks. Collective."""
-    if _distributed():
+    if is_distributed():
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if _rank() == 0 else None
+        return sd if rank() == 0 else None
     return {k: v.detach().cpu().clone() for k, v in get_model_state_dict(module).items()}
 
 
 def _full_optim_sd(model, optimizer) -> dict | None:
-    if _distributed():
+    if is_distributed():
         osd = get_optimizer_state_dict(model, optimizer,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return osd if _rank() == 0 else None
+        return osd if rank() == 0 else None
     osd = get_optimizer_state_dict(model, optimizer)
     return {"state": {k: {n: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for n, v in s.items()}
                       for k, s in osd["state"].items()},

@@ -111,14 +111,13 @@ def load_grid_vae(cfg: TrainConfig, latent_channels: int, device: torch.device):
 
 def loader_backend(choice: str, dataset, device: torch.device, data_dir: str = "") -> str:
     """The data loader to use: --data-loader, with auto resolved (DALI only where it pays and exists)."""
-    import importlib.util
     packed = isinstance(dataset, PackedDataset)
     if choice == "dali" and not packed:
         raise ValueError(f"--data-loader dali reads packed datasets only; --data-dir {data_dir} is the official "
                          f"layout: pack it with python -m fastrepa.data.pack, or use --data-loader torch")
     if choice == "auto":
-        dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-        return "dali" if packed and device.type == "cuda" and dali else "torch"
+        from fastrepa.data.dali import dali_available
+        return "dali" if packed and device.type == "cuda" and dali_available() else "torch"
     return choice
 
 

@@ -24,7 +24,8 @@ import torch
 
 from fastrepa.objectives.base import StepContext, slice_inputs
 from fastrepa.train.ema import update_ema
-from fastrepa.train.parallel import all_reduce_sum, clip_grad_norm, grad_sync, reshard
+from fastrepa.distributed import all_reduce_sum
+from fastrepa.train.parallel import clip_grad_norm, grad_sync, reshard
 
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
