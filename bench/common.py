@@ -15,7 +15,6 @@ Probes (measured in the same run, once, lazily):
 """
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastrepa.io import write_text
+from fastrepa.io import json_safe, write_text
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SCHEMA = "fastrepa-bench/1"
@@ -109,6 +108,42 @@ def timer_description(device, repeats, warmup):
         return (f"CUDA events, median of {repeats} calls after {warmup} warm-up calls; L2 flushed "
                 f"({L2_FLUSH_BYTES >> 20} MiB memset) and grads reset to None before each call")
     return f"time.perf_counter, median of {repeats} calls after {warmup} warm-up calls; grads reset before each call"
+
+
+# ------------------------------------------------------------------------------------------- rows
+
+def short_error(e: BaseException) -> str:
+    """An exception as one short line for a results row."""
+    return f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+
+
+def free_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_row(rows, row, reason, measure, label, summary, cleanup=None):
+    """Fill `row` and append it to `rows`: status "skipped" with `reason` when one is given; else
+    row.update(measure()) (status "ok" unless measure says otherwise), or status "error" with the exception
+    when it raises, since one failing row (OOM, a compile error) must not stop the suite. `cleanup()` runs
+    after the measurement either way; one line `label: summary(row)` (or the status and reason) is printed
+    with the seconds taken."""
+    if reason:
+        row.update(status="skipped", reason=reason)
+        rows.append(row)
+        return row
+    t0 = time.perf_counter()
+    try:
+        row.update({"status": "ok", **measure()})
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        row.update(status="error", reason=short_error(e))
+    finally:
+        if cleanup is not None:
+            cleanup()
+    rows.append(row)
+    said = summary(row) if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+    print(f"{label}: {said} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return row
 
 
 # ----------------------------------------------------------------------------------------- probes
@@ -351,17 +386,6 @@ def render_markdown(doc):
 
 # ---------------------------------------------------------------------------------- results files
 
-def _finite(obj):
-    """JSON has no NaN/Inf: such values (a kernel that returned NaN, say) are kept as strings."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def write_results(out_dir, slug, date, device_name, env, suites):
     """Write <slug>-<date>.json/.md under out_dir; return (json_path, md_path).
 
@@ -387,7 +411,7 @@ def write_results(out_dir, slug, date, device_name, env, suites):
             if (doc.get("schema") != SCHEMA or doc.get("device_slug") != slug
                     or any(name in doc.get("suites", {}) for name in suites)):
                 continue
-        doc["suites"].update(_finite(suites))
+        doc["suites"].update(json_safe(suites))
         write_text(jpath, json.dumps(doc, indent=1, allow_nan=False) + "\n")
         write_text(mpath, render_markdown(doc))
         return jpath, mpath

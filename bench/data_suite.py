@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from common import BenchUsageError, num
+from common import BenchUsageError, measure_row, num
 
 CPU_BATCH_SIZES, CUDA_BATCH_SIZES, QUICK_BATCH_SIZES = [64], [64], [16]
 FULL = {"resolution": 256, "num_images": 1024}
@@ -203,10 +203,6 @@ def measure(row, dataset, B, workers, epochs_warmup, repeats, device, seed=0):
             "images_read": got_images, "order_ok": bool(order_ok), "batch_shape": shape}
 
 
-def _short(e):
-    return f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-
-
 HEADERS = ["loader", "layout", "format", "decode on", "B", "workers", "img/s", "min", "max", "x torch/official",
            "first batch s", "bytes/img", "images", "note"]
 
@@ -260,23 +256,13 @@ def run(args, ctx):
                        "decode_on": decode_on, "device": spec.device, "B": B, "workers": workers,
                        "num_images": n, "resolution": res, "bytes_per_image": round(nbytes[key] / n),
                        "status": None, "reason": None, "images_per_s": None}
-                reason = skip_reason(spec, ctx.device)
-                if reason:
-                    row.update(status="skipped", reason=reason)
-                    rows.append(row)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    row.update(measure(spec, datasets[key], B, workers, warmup, repeats, ctx.device))
-                    row["status"] = "ok" if row["order_ok"] and row["images_read"] == row["images_asked"] else "error"
-                    if row["status"] == "error":
-                        row["reason"] = "read other batches than the sampler's (order or count)"
-                except Exception as e:  # noqa: BLE001 - one failing row must not stop the suite
-                    row.update(status="error", reason=_short(e))
-                rows.append(row)
-                print(f"[data] {spec.name} B={B}: " + (f"{row['images_per_s']:.1f} img/s" if row["status"] == "ok"
-                                                        else row["status"])
-                      + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+                def checked(spec=spec, key=key, B=B):
+                    got = measure(spec, datasets[key], B, workers, warmup, repeats, ctx.device)
+                    if not (got["order_ok"] and got["images_read"] == got["images_asked"]):
+                        got.update(status="error", reason="read other batches than the sampler's (order or count)")
+                    return got
+                measure_row(rows, row, skip_reason(spec, ctx.device), checked, f"[data] {spec.name} B={B}",
+                            lambda r: f"{r['images_per_s']:.1f} img/s")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     ok = {(r["B"], r["loader"], r["image_format"]): r for r in rows if r["status"] == "ok"}

@@ -65,7 +65,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastrepa.io import atomic_path, write_text  # noqa: E402 - standard library only, needs no install
+from fastrepa.io import atomic_path, json_safe, write_text  # noqa: E402 - standard library only, needs no install
 BENCH = ROOT / "bench"
 SCHEMA = "fastrepa-gpu-check/1"
 DEFAULT_BUDGET = 500  # seconds: < 8.5 minutes with margin for writing the files
@@ -325,7 +325,7 @@ class Check:
         paths = {"md": self.out / f"{self.stem}.md", "json": self.out / f"{self.stem}.json",
                  "logs": self.out / f"{self.stem}-logs.tar.gz"}
         self.record["files"] = {k: p.name for k, p in paths.items()}
-        write_text(paths["json"], json.dumps(_finite(self.record), indent=1, allow_nan=False) + "\n")
+        write_text(paths["json"], json.dumps(json_safe(self.record), indent=1, allow_nan=False) + "\n")
         write_text(paths["md"], render_summary(self.record))
         with atomic_path(paths["logs"]) as tmp, tarfile.open(tmp, "w:gz") as tar:
             for sub in ("logs", "bench", "junit", "runs-meta"):
@@ -354,17 +354,6 @@ def kill_group(p):
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _finite(obj):
-    """JSON has no NaN/Inf: such values are kept as strings."""
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # -------------------------------------------------------------------------------------------- steps

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import BenchUsageError, fmt, num
+from common import BenchUsageError, fmt, free_memory, num, short_error
 
 PKG = "fastrepa.kernels"
 CUDA_BATCH_SIZES = [32, 128]
@@ -226,7 +226,7 @@ def triton_skip_reason(ctx, spec, public):
     try:
         from fastrepa.kernels import _dispatch
     except Exception as e:  # noqa: BLE001
-        return f"cannot import fastrepa.kernels._dispatch: {_short(e)}"
+        return f"cannot import fastrepa.kernels._dispatch: {short_error(e)}"
     if _dispatch.interpreting():
         return "TRITON_INTERPRET is set: the interpreter measures nothing real"
     if not _dispatch.HAS_TRITON:
@@ -253,16 +253,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _short(e):
-    msg = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-    return msg[:300]
-
-
-def _free(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason, impls=IMPLS):
     """The rows (eager, compile, triton, or the `impls` asked for) of one op x shape x batch x mode."""
     device, dtype, grad = ctx.device, ctx.dtype, mode == "fwd+bwd"
@@ -280,8 +270,8 @@ def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason, impls=IMPLS)
         cot = [torch.randn(o.shape, device=device).to(o.dtype) for o in expected] if grad else None
     except Exception as e:  # noqa: BLE001
         for r in rows.values():
-            r.update(status="error", reason=f"building the case failed: {_short(e)}")
-        _free(device)
+            r.update(status="error", reason=f"building the case failed: {short_error(e)}")
+        free_memory(device)
         return list(rows.values())
 
     def step_of(f):
@@ -325,11 +315,11 @@ def run_case(ctx, spec, public, ref, shape, B, mode, triton_reason, impls=IMPLS)
             row["repeats"] = ctx.repeats
             row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the suite
-            row.update(status="error", reason=_short(e), median_ms=None)
+            row.update(status="error", reason=short_error(e), median_ms=None)
         finally:
-            _free(device)
+            free_memory(device)
     del args, kw, leaves, expected, cot
-    _free(device)
+    free_memory(device)
     return list(rows.values())
 
 

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from common import BenchUsageError, fmt, num, parse_names, time_calls, timer_description, triton_skip_reason
+from common import BenchUsageError, fmt, free_memory, measure_row, num, parse_names, time_calls, timer_description, triton_skip_reason
 
 PROTOCOL = {"sampler": "sde (Euler-Maruyama)", "num_steps": 250, "cfg_scale": 1.8, "guidance_low": 0.0,
             "guidance_high": 0.7, "path_type": "linear"}
@@ -206,13 +206,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _short(e):
-    return f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-
-
-def _free(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _reset(variant, device):
+    """After a variant: drop its compiled graphs (and the CUDA-graph memory pools), free the cache."""
+    if variant.compiled:
+        torch._dynamo.reset()
+    free_memory(device)
 
 
 def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val):
@@ -226,7 +224,7 @@ def run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)
     row = {"status": None, "reason": None, "step_ms_cfg": None, "step_ms": None}
     ch, size, _ = model.latent_shape
     from fastrepa.generation import STREAM_SDE
-    from fastrepa.train.rng import index_generators
+    from fastrepa.rng import index_generators
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(B, ch, size, size, generator=gen).to(device)
     y = torch.randint(0, model.num_classes, (B,), generator=gen).to(device)
@@ -367,34 +365,23 @@ def run(args, ctx):
                    "warmup": warmup, "estimate": True, "status": None, "reason": None,
                    "step_ms_cfg": None, "step_ms": None, "flops_per_image_forward": None,
                    "flops_per_image_sample": None, "cudagraph_skips": None}
-            if reason:
-                row.update(status="skipped", reason=reason)
-                rows.append(row)
-                continue
-            t0 = time.perf_counter()
-            try:
+
+            def sample_row(variant=variant, B=B, nfe=row["nfe_per_image"]):
                 if variant.kernels not in models:
                     models.clear()
-                    _free(ctx.device)
+                    free_memory(ctx.device)
                     models[variant.kernels] = build(name, overrides, variant.kernels, ctx.device)
                 model, kw = models[variant.kernels]
                 f = velocity_flops_per_image(kw)
-                row.update(latent=[kw["in_channels"], kw["input_size"], kw["input_size"]],
-                           tokens=(kw["input_size"] // kw["patch_size"]) ** 2, hidden_size=kw["hidden_size"],
-                           depth=kw["depth"], num_heads=kw["num_heads"], flops_per_image_forward=f,
-                           flops_per_image_sample=f * row["nfe_per_image"])
-                row.update(run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val))
-            except Exception as e:  # noqa: BLE001 - one failing variant (OOM, compile error) must not stop the suite
-                row.update(status="error", reason=_short(e), step_ms_cfg=None, step_ms=None)
-            finally:
-                if variant.compiled:
-                    torch._dynamo.reset()  # drops the compiled graphs (and the CUDA-graph memory pools)
-                _free(ctx.device)
-            rows.append(row)
-            print(f"[sample] {label} B={B} {vname}: " + (
-                f"CFG step {row['step_ms_cfg']:.4g} ms, step {row['step_ms']:.4g} ms, "
-                f"{row['images_per_s_estimate']:.3g} img/s (est.)" if row["status"] == "ok" else row["status"])
-                  + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+                return {"latent": [kw["in_channels"], kw["input_size"], kw["input_size"]],
+                        "tokens": (kw["input_size"] // kw["patch_size"]) ** 2, "hidden_size": kw["hidden_size"],
+                        "depth": kw["depth"], "num_heads": kw["num_heads"], "flops_per_image_forward": f,
+                        "flops_per_image_sample": f * nfe,
+                        **run_variant(ctx, variant, model, kw, B, counts, spc, repeats, warmup, n_val)}
+            measure_row(rows, row, reason, sample_row, f"[sample] {label} B={B} {vname}",
+                        lambda r: f"CFG step {r['step_ms_cfg']:.4g} ms, step {r['step_ms']:.4g} ms, "
+                                  f"{r['images_per_s_estimate']:.3g} img/s (est.)",
+                        cleanup=lambda variant=variant: _reset(variant, ctx.device))
     models.clear()
     add_metrics(rows, matmul.get("TFLOP_per_s"))
     if ctx.device.type != "cuda":

@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from common import BenchUsageError, fmt, num, parse_names, time_calls, timer_description, triton_skip_reason
-from sample_suite import _free, _short, _sync, build
+from common import BenchUsageError, fmt, measure_row, num, parse_names, time_calls, timer_description, triton_skip_reason
+from sample_suite import _reset, _sync, build
 
 CUDA_MODEL, CPU_MODEL = "SiT-XL/2", "SiT-S/2"
 CUDA_ENCODER, CPU_ENCODER = "dinov2-vit-b", "dinov2-vit-s"
@@ -196,7 +196,7 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
 def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats, warmup):
     from fastrepa.objectives import StepContext
     from fastrepa.train.flops import peak_tflops
-    from fastrepa.train.rng import draw_step
+    from fastrepa.rng import draw_step
 
     device = ctx.device
     step_fn, model, kw, encoder, objective = make_step(ctx, variant, name, overrides, enc_type, resolution)
@@ -298,23 +298,12 @@ def run(args, ctx):
                    "compile": variant.compiled, "fused_adamw": variant.fused_adamw, "dtype": ctx.dtype_name,
                    "autocast": variant.precision(ctx) if ctx.device.type == "cuda" else None,
                    "repeats": repeats, "warmup": warmup, "status": None, "reason": None}
-            if reason:
-                row.update(status="skipped", reason=reason)
-                rows.append(row)
-                continue
-            t0 = time.perf_counter()
-            try:
-                row.update(run_variant(ctx, variant, name, overrides, enc, resolution, B, repeats, warmup))
-            except Exception as e:  # noqa: BLE001 - one failing variant (OOM, compile error) must not stop the suite
-                row.update(status="error", reason=_short(e))
-            finally:
-                if variant.compiled:
-                    torch._dynamo.reset()
-                _free(ctx.device)
-            rows.append(row)
-            print(f"[train] {label} B={B} {vname}: " + (
-                f"{row['step_ms']:.4g} ms/step, {row['images_per_s']:.3g} img/s" if row["status"] == "ok"
-                else f"{row['status']}: {row['reason']}") + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
+            measure_row(rows, row, reason,
+                        lambda variant=variant, B=B: run_variant(ctx, variant, name, overrides, enc, resolution, B,
+                                                                 repeats, warmup),
+                        f"[train] {label} B={B} {vname}",
+                        lambda r: f"{r['step_ms']:.4g} ms/step, {r['images_per_s']:.3g} img/s",
+                        cleanup=lambda variant=variant: _reset(variant, ctx.device))
     add_metrics(rows, matmul.get("TFLOP_per_s"))
     notes = ["One process on one device; data loading is not in the step (inputs sit on the device). Multi-GPU "
              "FSDP2 adds the all-gathers and reduce-scatters that overlap with compute."]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 
@@ -88,3 +89,15 @@ def write_text(path, text: str) -> None:
 def write_json(path, obj, indent: int = 1, sort_keys: bool = False) -> None:
     """obj as JSON (one trailing newline), published atomically."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def json_safe(obj):
+    """obj with every NaN/Inf float replaced by its string ("nan", "inf"), which strict JSON cannot hold
+    (a benchmark row whose kernel returned NaN, say); dicts, lists and tuples are walked."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
