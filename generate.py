@@ -93,10 +93,6 @@ def build_parser():
     return p
 
 
-# Recorded in settings.json since --compile-mode: a settings.json written before then lacks them, and is
-# compared without them (those runs did not say what they used).
-LATER_KEYS = ("kernels", "compile", "tf32")
-
 SETTINGS_FILE = "settings.json"
 
 
@@ -110,7 +106,6 @@ def _check_settings(shard_dir: str, settings: dict, overwrite: bool):
             old = json.load(f)
     except (OSError, ValueError) as e:
         old = {"<unreadable settings.json>": str(e)}
-    settings = {k: v for k, v in settings.items() if k in old or k not in LATER_KEYS}
     if old == settings or overwrite:
         return None
     diff = [f"{k}: {old.get(k, '<absent>')!r} there, {settings.get(k, '<absent>')!r} now"
@@ -206,7 +201,7 @@ class Generator:
     def build(self) -> None:
         import torch
 
-        from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, weights_name
+        from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, weights_name
         from fastrepa.generation import (check_mode, compile_velocity, cudagraph_skips, default_mode,
                                          model_from_checkpoint)
         from fastrepa.kernels import use_triton
@@ -276,12 +271,12 @@ class Generator:
             "kernels": kernels, "compile": _compile_numerics(compile_mode),
             "tf32": a.tf32 if device.type == "cuda" else None,
         }
-        if self.mode == "sde":  # shards of earlier versions (one SDE noise stream per batch) are not these samples
+        if self.mode == "sde":  # each sample's SDE noise is its own stream: independent of the batch size
             settings["sde_noise"] = "per-sample"
         if self.mode == "ddpm":
             settings["guided_channels"] = a.guided_channels
-        if precision == "fp32" and hasattr(self.vae, "decode_dtype"):  # earlier versions decoded the SD-VAE in
-            settings["vae_decode"] = "fp32"                            # bf16 on CUDA even under fp32
+        if precision == "fp32" and hasattr(self.vae, "decode_dtype"):  # the SD-VAE decodes in fp32 too
+            settings["vae_decode"] = "fp32"
         self.shard_dir = shard_dir = os.path.join(a.sample_dir, "shards")
         problem = _check_settings(shard_dir, settings, a.overwrite)  # every rank reads the same file
         if problem:

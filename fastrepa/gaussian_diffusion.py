@@ -37,22 +37,13 @@ import torch
 DIT_GUIDED_CHANNELS = 3  # DiT's forward_with_cfg guides model_out[:, :3] "for exact reproducibility"
 
 
-def _positive_int(name: str, value) -> int:
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"{name}={value}: must be >= 1")
-    return value
-
-
 # ---------------------------------------------------------------- schedules and respacing
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
     """DiT's linear schedule (official `get_named_beta_schedule("linear", T)`): float64
     linspace(scale * 1e-4, scale * 0.02, T) with scale = 1000 / T (Ho et al., extended to any T)."""
-    num_timesteps = _positive_int("num_timesteps", num_timesteps)
+    from fastrepa.sampling import positive_int  # not at the top: sampling -> objectives -> this module
+    num_timesteps = positive_int("num_timesteps", num_timesteps)
     scale = 1000 / num_timesteps
     return np.linspace(scale * 0.0001, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -68,7 +59,8 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
     first integer stride k giving exactly N steps. "250" of 1000 gives 0, 4, 8, ..., 164, 169, ...,
     999. Returns a set, as official.
     """
-    num_timesteps = _positive_int("num_timesteps", num_timesteps)
+    from fastrepa.sampling import positive_int  # not at the top: sampling -> objectives -> this module
+    num_timesteps = positive_int("num_timesteps", num_timesteps)
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])

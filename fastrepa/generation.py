@@ -25,17 +25,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
+from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
 from fastrepa.io import atomic_open
 from fastrepa.models import OVERRIDES, build_model, family_of
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
-from fastrepa.train.rng import index_generator, index_generators
+from fastrepa.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
 
 MODES = ("ode", "sde", "ddpm")
 MODES_OF = {"velocity": ("ode", "sde"), "epsilon": ("ddpm",)}  # model.prediction -> its sampling modes
-# The per-sample streams: step_seed(seed, stream, sample index). Stream 1 was the per-batch SDE noise of
-# earlier versions (samples depended on the batch size); it is not reused.
+# The per-sample streams: step_seed(seed, stream, sample index); stream 1 is reserved.
 STREAM_INIT, STREAM_SDE = 0, 2
 
 

@@ -31,13 +31,19 @@ from fastrepa.objectives.interpolants import check_path_type, score_coefficients
 SDE_LAST_T = 0.04  # the SDE grid runs linspace(1, 0.04, num_steps) and then a noise-free step to 0
 
 
-def _check(name, latents, y, num_steps, guidance_low, guidance_high, path_type):
+def positive_int(what: str, value) -> int:
+    """`value` as an int >= 1, or a ValueError naming `what` (a step or timestep count)."""
     try:
-        num_steps = operator.index(num_steps)
+        value = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name}: num_steps must be an integer, got {num_steps!r}") from None
-    if num_steps < 1:
-        raise ValueError(f"{name}: num_steps={num_steps} must be >= 1")
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{what}={value} must be >= 1")
+    return value
+
+
+def _check(name, latents, y, num_steps, guidance_low, guidance_high, path_type):
+    num_steps = positive_int(f"{name}: num_steps", num_steps)
     check_path_type(path_type)
     if not guidance_low <= guidance_high:
         raise ValueError(f"{name}: guidance_low={guidance_low} must be <= guidance_high={guidance_high} "

@@ -197,14 +197,11 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
         tl.store(OUT + out_off, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_fwd_kernel(
-            QKV, Q, K, V, QW, QB, KW, KB, STATS,
-            T, H, HD, ROWS, GRID_W, eps, log2_base,
-            HAS_NORM: tl.constexpr, RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
-            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr,
-            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)  # batch * head on axis 0 (no 65535 limit), token tiles on axis 1
-        pid_t = tl.program_id(1)
+    def _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        """The tile of program (bh, pid_t): tokens t, head dims d, masks, C, the rows of q of (b, t, h)
+        inside qkv and of (b, h, t) inside q/k/v, their [BLOCK_T, BLOCK_D] offsets, the stats offsets,
+        and the RoPE cos / sin / partner dims (0, 0 and d without RoPE)."""
         b = bh // H
         h = bh - b * H
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -213,8 +210,8 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
         dmask = d < HD
         mask = tmask[:, None] & dmask[None, :]
         C = H * HD
-        in_row = (b.to(tl.int64) * T + t) * (3 * C) + h * HD  # q of (b, t, h) inside qkv
-        out_row = (bh.to(tl.int64) * T + t) * HD  # (b, h, t) inside q/k/v
+        in_row = (b.to(tl.int64) * T + t) * (3 * C) + h * HD
+        out_row = (bh.to(tl.int64) * T + t) * HD
         in_off = in_row[:, None] + d[None, :]
         out_off = out_row[:, None] + d[None, :]
         stat_off = bh.to(tl.int64) * T + t
@@ -224,6 +221,19 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
             cos = 0.0
             sin = 0.0
             partner = d
+        return t, d, tmask, dmask, mask, C, in_row, out_row, in_off, out_off, stat_off, cos, sin, partner
+
+    @triton.jit
+    def _qk_norm_rope_fwd_kernel(
+            QKV, Q, K, V, QW, QB, KW, KB, STATS,
+            T, H, HD, ROWS, GRID_W, eps, log2_base,
+            HAS_NORM: tl.constexpr, RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
+            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr,
+            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        bh = tl.program_id(0)  # batch * head on axis 0 (no 65535 limit), token tiles on axis 1
+        pid_t = tl.program_id(1)
+        t, d, tmask, dmask, mask, C, in_row, out_row, in_off, out_off, stat_off, cos, sin, partner = \
+            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, BLOCK_T, BLOCK_D)
         in_p_off = in_row[:, None] + partner[None, :]
 
         v = tl.load(QKV + in_off + 2 * C, mask=mask, other=0.0)
@@ -281,25 +291,8 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)  # batch * head on axis 0 (no 65535 limit), token tiles on axis 1
         pid_t = tl.program_id(1)
-        b = bh // H
-        h = bh - b * H
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.arange(0, BLOCK_D)
-        tmask = t < T
-        dmask = d < HD
-        mask = tmask[:, None] & dmask[None, :]
-        C = H * HD
-        in_row = (b.to(tl.int64) * T + t) * (3 * C) + h * HD
-        out_row = (bh.to(tl.int64) * T + t) * HD
-        in_off = in_row[:, None] + d[None, :]
-        g_off = out_row[:, None] + d[None, :]
-        stat_off = bh.to(tl.int64) * T + t
-        if HAS_ROPE:
-            cos, sin, partner = _rope_tables(t, d, HD, GRID_W, log2_base)
-        else:
-            cos = 0.0
-            sin = 0.0
-            partner = d
+        t, d, tmask, dmask, mask, C, in_row, out_row, in_off, g_off, stat_off, cos, sin, partner = \
+            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, BLOCK_T, BLOCK_D)
         g_p_off = out_row[:, None] + partner[None, :]
         # partial sums of this program: PART[i, prog, :] for i = q weight, q bias, k weight, k bias
         prog = bh.to(tl.int64) * tl.num_programs(1) + pid_t

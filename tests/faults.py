@@ -109,10 +109,10 @@ def crash_in_save(patch, point: str, step: int | None = None) -> None:
     """SimulatedCrash on every rank in the middle of a DCP save (of step `step` only, or of any):
     after_shards = after the shards and train_state.json, before the COMMITTED marker;
     after_marker = after the marker, before the rename that publishes the checkpoint."""
-    from fastrepa.train import checkpointing
+    from fastrepa.train import dcp
     if point not in _SAVE_PHASES:
         raise ValueError(f"crash_in_save point {point!r}: expected one of {sorted(_SAVE_PHASES)}")
-    inner = checkpointing.on_rank0
+    inner = dcp.on_rank0
 
     def patched(fn, what: str):
         if what.startswith(_SAVE_PHASES[point]):
@@ -120,7 +120,7 @@ def crash_in_save(patch, point: str, step: int | None = None) -> None:
             if step is None or (found and int(found.group(1)) == step):
                 raise SimulatedCrash(f"crash injected {point} ({what})")
         return inner(fn, what)
-    patch(checkpointing, "on_rank0", patched)
+    patch(dcp, "on_rank0", patched)
 
 
 def exit_after_shards(patch, shards: int) -> None:

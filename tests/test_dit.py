@@ -103,7 +103,7 @@ def test_respaced_ddpm_sampling_with_dit_cfg_equals_a_direct_loop():
     from fastrepa.gaussian_diffusion import create_diffusion
     from fastrepa.generation import sample_latents
     from fastrepa.sampling import row_noise
-    from fastrepa.train.rng import index_generators
+    from fastrepa.rng import index_generators
     m = tiny_dit().double().eval()
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y, s = torch.tensor([3, 5]), 2.5
@@ -133,7 +133,7 @@ def dit_run(tmp_path_factory, data16):  # noqa: F811
 
 
 def test_dit_trains_resumes_exactly_and_logs_the_ddpm_terms(dit_run, tmp_path):
-    from fastrepa.checkpoint import load_checkpoint_file
+    from fastrepa.official_ckpt import load_checkpoint_file
     from fastrepa.train import train
     full = dit_run["full"]
     rows = [json.loads(line) for line in open(os.path.join(full["exp_dir"], "metrics.jsonl"))]

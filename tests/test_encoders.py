@@ -516,9 +516,6 @@ def test_names():
         load_encoder("dino")
     assert set(E.ALIASES.values()) == {n for n in E.SUPPORTED if n.endswith("-reg")}
     assert E.canonical_name("mocov3-vit-b") == "mocov3-vit-b"
-    for name in E.NOT_YET:
-        with pytest.raises(NotImplementedError, match=name):
-            load_encoder(name)
 
 
 def test_patch_pixels_unchanged():

@@ -175,12 +175,12 @@ def test_flags_defaults_and_bad_input():
 
 def test_sra_checkpoint_without_ema_is_refused(tmp_path):
     """The teacher is the EMA: resuming SRA from a checkpoint that holds no EMA names the key."""
-    from fastrepa.checkpoint import CheckpointError
-    from fastrepa.train import checkpointing as C
+    from fastrepa.official_ckpt import CheckpointError
+    from fastrepa.train import dcp
     model = tiny_model(z_dims=[], ap_head=True)
-    C.save(str(tmp_path), 3, model=model, extra={"step": 3})
+    dcp.save(str(tmp_path), 3, model=model, extra={"step": 3})
     with pytest.raises(CheckpointError, match="has no ema state"):
-        C.load(str(tmp_path / "step-000000003"), model=model, ema=make_ema(model))
+        dcp.load(str(tmp_path / "step-000000003"), model=model, ema=make_ema(model))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def sra_run(tmp_path_factory, data16):  # noqa: F811
 
 
 def test_sra_resumes_exactly(sra_run, tmp_path):
-    from fastrepa.checkpoint import load_checkpoint_file
+    from fastrepa.official_ckpt import load_checkpoint_file
     half = dict(SRA_RUN, data_dir=sra_run["data"], output_dir=str(tmp_path), exp_name="s")
     train(from_flat({**half, "max_train_steps": 3}))
     resumed = train(from_flat(half))

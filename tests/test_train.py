@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate as generate_cli
-from fastrepa.checkpoint import load_checkpoint_file
+from fastrepa.official_ckpt import load_checkpoint_file
 from fastrepa.config import PRESETS, from_flat
 from fastrepa.data.synthetic import write_dataset
 from fastrepa.train import NonFiniteError, train
@@ -75,14 +75,14 @@ def test_gradient_accumulation_trains_like_one_batch(tmp_path, data16):
 def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
     """A NaN at step 4 stops the run before the update and checkpoints the good weights of step 4 (the
     step-3 checkpoint stays); a fixed rerun resumes there and ends bit-identical to an uninterrupted run."""
-    from fastrepa.train import checkpointing as C
+    from fastrepa.train import dcp
     full = train(cfg(tmp_path / "full", data16, exp_name="nan"))
     with pytest.MonkeyPatch.context() as mp:
         nan_loss_at(mp.setattr, 4)
         with pytest.raises(NonFiniteError, match="step 4: .* not finite; the weights were not updated"):
             train(cfg(tmp_path, data16, exp_name="nan"))
     ckpts = str(tmp_path / "nan" / "checkpoints")
-    assert [s for s, _ in C.list_complete(ckpts)] == [3, 4]
+    assert [s for s, _ in dcp.list_complete(ckpts)] == [3, 4]
     assert len(losses(str(tmp_path / "nan"))) == 4
     # the step-4 checkpoint holds exactly the weights of a clean run that stopped after 4 steps
     from fastrepa.train import export
@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, data16, monkeypatch):
 
 def test_non_finite_skip_leaves_weights_and_counts(tmp_path, data16, monkeypatch):
     """--on-nonfinite skip: the poisoned step changes nothing (weights, EMA, optimizer state) and is counted."""
-    from fastrepa.train import checkpointing as C
+    from fastrepa.train import dcp
     ref = train(cfg(tmp_path / "ref", data16, exp_name="s", max_train_steps=4, checkpointing_steps=4))
     nan_loss_at(monkeypatch.setattr, 4)
     rep = train(cfg(tmp_path, data16, exp_name="s", max_train_steps=5, checkpointing_steps=4, on_nonfinite="skip"))
@@ -117,7 +117,7 @@ def test_non_finite_skip_leaves_weights_and_counts(tmp_path, data16, monkeypatch
     for pid, state in a["opt"]["state"].items():  # AdamW moments and step counts untouched too
         for name, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["opt"]["state"][pid][name])), (pid, name)
-    assert C.read_extra(C.latest(str(tmp_path / "s" / "checkpoints"))[1])["nonfinite_skipped"] == 1
+    assert dcp.read_extra(dcp.latest(str(tmp_path / "s" / "checkpoints"))[1])["nonfinite_skipped"] == 1
 
 
 def test_data_that_does_not_fit_the_model_fails_early(tmp_path, data16):
@@ -230,7 +230,7 @@ def test_an_infinite_gradient_with_a_finite_loss_changes_nothing():
     from conftest import tiny_model
     from fastrepa.objectives import REPA, FlowMatching
     from fastrepa.train.ema import make_ema
-    from fastrepa.train.rng import draw_step
+    from fastrepa.rng import draw_step
     from fastrepa.train.step import TrainStep
     model = tiny_model(z_dims=[])
     ema = make_ema(model)
@@ -351,7 +351,7 @@ def test_a_cuda_step_syncs_the_host_once():
     from fastrepa.encoders import load_encoder
     from fastrepa.objectives import REPA, FlowMatching
     from fastrepa.train.ema import make_ema
-    from fastrepa.train.rng import draw_step
+    from fastrepa.rng import draw_step
     from fastrepa.train.step import TrainStep
     dev = torch.device("cuda")
     model = tiny_model(z_dims=[48], in_channels=3).to(dev)

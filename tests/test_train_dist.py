@@ -14,7 +14,7 @@ import torch
 import train as train_cli
 from fastrepa.config import from_flat
 from fastrepa.generation import model_from_checkpoint
-from fastrepa.train import checkpointing as C
+from fastrepa.train import dcp
 from fastrepa.train import train
 from faults import LAUNCHER, launch_env, sigterm_at_step
 from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
@@ -94,7 +94,7 @@ def test_fsdp2_two_processes_equal_one(runs):
     np.testing.assert_allclose(column(str(runs["base"] / "fsdp" / "run"), "grad_norm"), norms, rtol=1e-5)
     rep = json.load(open(runs["base"] / "fsdp" / "run" / "report.json"))
     assert rep["world_size"] == 2 and rep["parallel"] == "fsdp"
-    step, path = C.latest(str(runs["base"] / "fsdp" / "run" / "checkpoints"))
+    step, path = dcp.latest(str(runs["base"] / "fsdp" / "run" / "checkpoints"))
     files = json.load(open(os.path.join(path, "COMMITTED")))["files"]
     assert {"model/__0_0.distcp", "model/__1_0.distcp", "ema/__1_0.distcp"} <= set(files)  # really sharded
     # the EMA (sharded fp32, updated on the local shards) ends where the single process's does
@@ -128,7 +128,7 @@ def test_parallel_none_is_refused_under_torchrun():
 
 def test_kill_and_rerun_is_bit_identical(runs):
     exp = runs["base"] / "killed" / "run"
-    assert C.latest(str(exp / "checkpoints"))[0] == 4
+    assert dcp.latest(str(exp / "checkpoints"))[0] == 4
     assert len(losses(str(exp))) == 5  # step 5 was logged, then the run died before its checkpoint
     r = ok(launch(flags(runs["base"] / "killed", runs["data"])))
     assert "resuming from" in r.stdout and "step 4" in r.stdout
@@ -156,7 +156,7 @@ def test_exported_pt_and_safetensors_load_strict(runs):
     from safetensors.torch import load_file
     sd = load_file(str(ckpt_dir / "ema-0000006.safetensors"))
     assert set(sd) == set(ck["ema"]) and all(torch.equal(sd[k], ck["ema"][k]) for k in sd)
-    assert sorted(s for s, _ in C.list_complete(str(ckpt_dir))) == [2, 4, 6]
+    assert sorted(s for s, _ in dcp.list_complete(str(ckpt_dir))) == [2, 4, 6]
 
 
 def test_nan_on_one_rank_stops_both_before_the_update(runs):
@@ -166,7 +166,7 @@ def test_nan_on_one_rank_stops_both_before_the_update(runs):
     r = launch(flags(out, runs["data"]), faults={"nan_loss_at": [3, 1]})
     assert r.returncode != 0
     assert "step 3: loss nan" in r.stderr and "the weights were not updated" in r.stderr
-    assert [s for s, _ in C.list_complete(str(out / "run" / "checkpoints"))] == [2, 3]
+    assert [s for s, _ in dcp.list_complete(str(out / "run" / "checkpoints"))] == [2, 3]
     r = ok(launch(flags(out, runs["data"])))
     assert "resuming from" in r.stdout and "step 3" in r.stdout
     assert losses(str(out / "run")) == losses(str(runs["base"] / "fsdp" / "run"))
@@ -177,7 +177,7 @@ def test_crash_during_a_save_leaves_the_previous_one_and_resumes(runs):
     r = launch(flags(out, runs["data"]), faults={"crash_in_save": ["after_shards", 4]})
     assert r.returncode != 0 and "SimulatedCrash: crash injected after_shards" in r.stderr
     ckpts = out / "run" / "checkpoints"
-    assert (ckpts / "step-000000004.partial").is_dir() and C.latest(str(ckpts))[0] == 2
+    assert (ckpts / "step-000000004.partial").is_dir() and dcp.latest(str(ckpts))[0] == 2
     r = ok(launch(flags(out, runs["data"])))
     assert "resuming from" in r.stdout and "step 2" in r.stdout
     assert not (ckpts / "step-000000004.partial").exists()
@@ -229,7 +229,7 @@ def test_sigterm_two_processes_checkpoints_and_exits_0(tmp_path, data16):  # noq
     r = ok(launch(flags(tmp_path, data16, checkpointing_steps=100), faults={"sigterm_at_step": 1}))
     assert "SIGTERM: stopped after step 2" in r.stdout
     ckpts = str(tmp_path / "run" / "checkpoints")
-    assert [s for s, _ in C.list_complete(ckpts)] == [2]
+    assert [s for s, _ in dcp.list_complete(ckpts)] == [2]
     assert not any(n.endswith(".pt") for n in os.listdir(ckpts))  # not the end of training: no export
     assert json.load(open(tmp_path / "run" / "report.json"))["stopped_by"] == "SIGTERM"
 
@@ -253,7 +253,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits(tmp_path, data16):  # noq
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert "SIGTERM: stopped after step" in out, (out[-2000:], err[-4000:])
-    saved = C.list_complete(str(tmp_path / "run" / "checkpoints"))
+    saved = dcp.list_complete(str(tmp_path / "run" / "checkpoints"))
     assert len(saved) == 1 and saved[0][0] >= 2
     assert json.load(open(tmp_path / "run" / "report.json"))["stopped_by"] == "SIGTERM"
     r = ok(launch(flags(tmp_path, data16, max_train_steps=saved[0][0] + 1, checkpointing_steps=100000)))
@@ -265,7 +265,7 @@ def test_sigterm_one_process_and_keep_last(tmp_path, data16, monkeypatch):  # no
         sigterm_at_step(mp.setattr, 4)
         report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
     assert report["stopped_by"] == "SIGTERM" and report["steps"] == 5
-    assert [s for s, _ in C.list_complete(str(tmp_path / "run" / "checkpoints"))] == [5]
+    assert [s for s, _ in dcp.list_complete(str(tmp_path / "run" / "checkpoints"))] == [5]
     report = train(from_flat({**RUN, "data_dir": data16, "output_dir": str(tmp_path), "keep_last": 1}))
     assert report["resumed_from"] == 5 and report["steps"] == 6
 

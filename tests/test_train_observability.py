@@ -127,7 +127,7 @@ def test_metrics_windows_survive_a_resume_between_logged_steps(tmp_path, data16,
     """--log-every 4 and a SIGTERM after step 3 (between two logged steps): the checkpoint carries the open
     window, so the resumed run logs the same averages, bit for bit, as the uninterrupted one; every logged
     row is also a line on stdout."""
-    from fastrepa.train import checkpointing as C
+    from fastrepa.train import dcp
     kw = dict(exp_name="w", max_train_steps=8, log_every=4, checkpointing_steps=100, sampling_steps=100,
               report_to="none")
     full = train(cfg(tmp_path / "full", data16, **kw))
@@ -139,7 +139,7 @@ def test_metrics_windows_survive_a_resume_between_logged_steps(tmp_path, data16,
         sigterm_at_step(mp.setattr, 2)  # the signal arrives during step 3 (0-based 2)
         first = train(cfg(tmp_path / "cut", data16, **kw))
     assert first["stopped_by"] == "SIGTERM" and first["steps"] == 3
-    state = C.read_extra(C.latest(str(tmp_path / "cut" / "w" / "checkpoints"))[1])
+    state = dcp.read_extra(dcp.latest(str(tmp_path / "cut" / "w" / "checkpoints"))[1])
     assert state["images"] == 48 and state["batch_size"] == 16 and state["metrics_window"]["n"] == 3
     assert state["data"] == {"epoch": 0, "batch_in_epoch": 3}
     rerun = train(cfg(tmp_path / "cut", data16, **kw))

@@ -76,10 +76,6 @@ def decode_jpeg(data) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def is_packed(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
 class PackedDataset(Dataset):
     """Items: (image uint8 [3, H, W], moments float32 [2C, h, w], label int64), as REPAFolderDataset.
 

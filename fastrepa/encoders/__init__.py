@@ -2,62 +2,9 @@
 
 `load_encoder(enc_type, path=None, resolution=256, grid=None)` is the entry point and
 `load_encoders("dinov2-vit-b,mocov3-vit-b", ...)` the comma-separated form the trainer's --enc-type
-takes. Besides the embedded `patch-pixels` stand-in (no weights), the pretrained REPA encoders are
-built from their *official* weight files, read from local disk only (nothing is downloaded):
-
-| enc_type                | file looked for (when `path` is None)                                  | format       |
-|-------------------------|-------------------------------------------------------------------------|--------------|
-| dinov2-vit-{s,b,l,g}    | torch.hub.get_dir()/checkpoints/dinov2_vit{x}14_pretrain.pth, ckpts/... | hub state dict |
-| dinov2-vit-{s,b,l,g}-reg| .../dinov2_vit{x}14_reg4_pretrain.pth                                   | hub state dict |
-| dinov2reg-vit-{s,b,l,g} | REPA's spelling of dinov2-vit-{x}-reg (the same encoder, the same file)  |              |
-| mocov3-vit-{s,b,l}      | ckpts/mocov3_vit{x}.pth                                                 | ['state_dict'], module.base_encoder.* |
-| mae-vit-l               | ckpts/mae_vitl.pth                                                      | ['model']    |
-| dinov1-vit-b            | torch.hub.get_dir()/checkpoints/dino_vitbase16_pretrain.pth, ckpts/dinov1_vitb.pth | hub state dict |
-| jepa-vit-h              | ckpts/ijepa_vith.pth (= IN1K-vit.h.14-300e.pth.tar)                     | ['encoder'], module.* |
-| clip-vit-L              | ~/.cache/clip/ViT-L-14.pt                                               | TorchScript archive (or a state dict) |
-
-Names: REPA's utils.py splits a name into exactly three parts (`type, arch, config =
-name.split('-')`) and takes DINOv2 with registers when 'reg' is in the type, so REPA users write
-`dinov2reg-vit-b`; `canonical_name` maps that spelling to ours (`dinov2-vit-b-reg`).
-
-What each computes is what official REPA (sihyun-yu/REPA train.py `preprocess_raw_image` and
-utils.py `load_encoders`) feeds the alignment loss:
-- preprocessing: x / 255, ImageNet mean/std; dinov2 and jepa then resize bicubically (F.interpolate,
-  no antialias, align_corners False) to 224 * (resolution // 256); mocov3/mae/dinov1 run at the raw
-  256px; clip resizes FIRST (bicubic, to 224) and then normalises with CLIP's mean/std.
-- positional embedding: REPA resamples the checkpoint's pos-embed ONCE with timm's
-  `resample_abs_pos_embed(pos_embed, [g, g])` (class-token row kept, bicubic, antialias=True,
-  size-based) to the grid it runs at (16x16 at 256px, 32x32 at 512px), so DINOv2's own
-  `interpolate_pos_encoding` (scale factor with the +0.1 offset, antialias False) never changes it:
-  the sizes already match. We do the same (it matters: 37 -> 16 with antialias differs from without).
-- tokens: dinov2 `x_norm_patchtokens` (final norm, class and register tokens dropped); mocov3
-  `forward_features(x)[:, 1:]` (final norm, class dropped); mae: REPA's MAE `forward_features` skips
-  the final norm and returns `x[:, 1:]`.
-- dinov1-vit-b: REPA loads `./ckpts/dinov1_vitb.pth` as a bare state dict (the key set of the DINO hub
-  file dino_vitbase16_pretrain.pth: ViT-B/16, qkv bias, LayerNorm eps 1e-6, exact GELU, no head),
-  resamples its pos-embed 14x14 -> 16x16 with timm (as for mocov3) and runs the raw 256px image.
-  REPA imports a `models/dinov1.py` that is NOT in its repository, so which tokens it took is not
-  visible; we return the final-norm patch tokens (`norm(x)[:, 1:]`, as for mocov3 / DINOv2): the loss
-  aligns token by token, which the DINO repo's own `forward` (class token only) could not feed.
-- jepa-vit-h: REPA's models/jepa.py `vit_huge(img_size=[224, 224], patch_size=14)` (1280 wide, 32
-  blocks, 16 heads, qkv bias, LayerNorm eps 1e-6, exact GELU, NO class token, pos-embed for the 16x16
-  patches only) loaded strictly from `torch.load(...)['encoder']` with the first 7 characters
-  (`module.`) of every key cut (we cut only a `module.` prefix): the context encoder, not
-  'target_encoder'. `forward_features = forward`: all 256 tokens after the final `norm`; REPA's
-  `interpolate_pos_encoding` leaves the pos-embed alone at 224px (so no resampling here). The official file is the 10 GB training checkpoint
-  (optimizer state included); it is read with mmap so only the encoder is paged in.
-- clip-vit-L: REPA takes `clip.load("ViT-L/14", device="cpu")[0].visual` (fp32 on CPU) wrapped in
-  `UpdatedVisionTransformer`: conv1 -> class token + positional_embedding -> ln_pre -> transformer ->
-  tokens 1: of the last block, WITHOUT ln_post and proj; embed_dim = transformer.width = 1024. The
-  OpenAI file is a TorchScript archive; we read it with `torch.jit.load(f, map_location="cpu")
-  .state_dict()` (what clip.load itself does; it runs no pickled Python, but it is not a
-  weights_only load), keep the `visual.*` keys and cast them to fp32. A plain state dict saved with
-  torch.save (the full CLIP state dict with `visual.` keys, or the visual keys alone) is accepted too
-  and read weights_only.
-- 512px: REPA supports only DINOv2 there; clip and jepa have a fixed 16x16 pos-embed that REPA does not
-  resample (its CLIP adds it directly; its I-JEPA interpolation fails), so they are refused for
-  resolution >= 512 (and below 256); dinov1 follows mocov3 (pos-embed resampled to resolution // 16).
-
+takes. Besides the embedded `patch-pixels` stand-in (no weights), the pretrained REPA encoders are built
+from their official weight files on local disk (nothing is downloaded). The file each one looks for, its
+preprocessing, positional-embedding resampling and tokens, as official REPA computes them: docs/encoders.md.
 Every encoder is frozen: eval mode that `train()` cannot undo, requires_grad False, no_grad forward.
 """
 import os
@@ -98,8 +45,6 @@ SUPPORTED = tuple([f"dinov2-vit-{x}" for x in _DINOV2] + [f"dinov2-vit-{x}-reg" 
                   + [f"clip-vit-{x}" for x in _CLIP])
 # REPA's spelling -> ours (both accepted everywhere a name is; encoders report the canonical name)
 ALIASES = {f"dinov2reg-vit-{x}": f"dinov2-vit-{x}-reg" for x in _DINOV2}
-NOT_YET = ()
-PRETRAINED = SUPPORTED + NOT_YET
 EMBEDDED = ("patch-pixels",)
 
 
@@ -413,12 +358,8 @@ def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | No
         enc = _build(enc_type, path, resolution, random_init)
         if grid is not None:
             check_grid(enc, grid * grid)
-    elif enc_type in NOT_YET:
-        raise NotImplementedError(
-            f"encoder {enc_type!r} is a REPA encoder that fastrepa does not build yet; "
-            f"available now: {', '.join(EMBEDDED + SUPPORTED)} (or --enc-type none)")
     else:
-        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + PRETRAINED)} (and REPA's "
+        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + SUPPORTED)} (and REPA's "
                          f"spellings {', '.join(ALIASES)})")
     return _frozen(enc)
 

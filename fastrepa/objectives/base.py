@@ -5,7 +5,7 @@ A method (REPA, SRA, later ERW, repa-rf, ...) is one `Objective` subclass in its
 
     draws  = objective.draw(generator)            one sample's random draws, a dict of tensors, drawn in a
                                                   fixed order from that sample's own generator (seeded by
-                                                  seed, step and index in the global batch: fastrepa.train.rng)
+                                                  seed, step and index in the global batch: fastrepa.rng)
     inputs = objective.prepare(batch, draws, ctx) no grad, the whole local batch: latents, frozen features...
                                                   (a dict of per-sample tensors, sliced for micro-batches)
     total, terms = objective.loss(model, inputs, ctx)
@@ -138,9 +138,4 @@ def slice_inputs(inputs: dict, part: slice) -> dict:
     return {k: ([t[part] for t in v] if isinstance(v, (list, tuple)) else v[part]) for k, v in inputs.items()}
 
 
-def stack_draws(per_sample: list[dict]) -> dict:
-    """[{name: tensor}] of n samples -> {name: tensor [n, ...]}."""
-    return {k: torch.stack([d[k] for d in per_sample]) for k in per_sample[0]}
-
-
-__all__ = ["Denoiser", "Objective", "StepContext", "latents_from_moments", "slice_inputs", "stack_draws"]
+__all__ = ["Denoiser", "Objective", "StepContext", "latents_from_moments", "slice_inputs"]

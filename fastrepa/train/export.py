@@ -15,31 +15,31 @@ import argparse
 import os
 import sys
 
-from fastrepa.train import checkpointing as C
+from fastrepa.train import dcp
 
 
-def resolve(path: str, step: int | None) -> tuple[int, str]:
-    """(step, directory) of the checkpoint that `path` names: a step directory, a checkpoints folder or
+def resolve(path: str, step: int | None) -> dcp.StepCheckpoint:
+    """The checkpoint that `path` names: a step directory, a checkpoints folder or
     an experiment folder (then its checkpoints/), the newest complete one unless `step` is given."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        raise C.CheckpointError(f"{path}: no such directory (expected an experiment folder, its checkpoints/ "
+        raise dcp.CheckpointError(f"{path}: no such directory (expected an experiment folder, its checkpoints/ "
                                 f"folder or a step-N checkpoint directory)")
-    if os.path.exists(os.path.join(path, C.MARKER)) or os.path.basename(path).startswith("step-"):
-        why = C.check_complete(path)
+    if os.path.exists(os.path.join(path, dcp.MARKER)) or os.path.basename(path).startswith("step-"):
+        why = dcp.check_complete(path)
         if why is not None:
-            raise C.CheckpointError(f"{path} is not a complete checkpoint ({why})")
-        found_step = int(C.read_extra(path).get("step", -1))
+            raise dcp.CheckpointError(f"{path} is not a complete checkpoint ({why})")
+        found_step = int(dcp.read_extra(path).get("step", -1))
         if step is not None and found_step != step:
-            raise C.CheckpointError(f"{path} is the checkpoint of step {found_step}, not --step {step}")
-        return found_step, path
+            raise dcp.CheckpointError(f"{path} is the checkpoint of step {found_step}, not --step {step}")
+        return dcp.StepCheckpoint(found_step, path)
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     if step is not None:
-        return step, C.find(root, step)
-    found = C.latest(root)
+        return dcp.StepCheckpoint(step, dcp.find(root, step))
+    found = dcp.latest(root)
     if found is None:
-        raise C.CheckpointError(f"{root} holds no complete checkpoint (step-N directories with a "
-                                f"{C.MARKER} marker)")
+        raise dcp.CheckpointError(f"{root} holds no complete checkpoint (step-N directories with a "
+                                f"{dcp.MARKER} marker)")
     return found
 
 
@@ -49,9 +49,9 @@ def export(path: str, step: int | None = None, pt: str | None = None, safetensor
     out_dir = os.path.dirname(src)
     written = {"step": step, "checkpoint": src}
     if what in ("both", "pt"):
-        written["pt"] = C.export_official_pt(src, pt or os.path.join(out_dir, f"{step:07d}.pt"))
+        written["pt"] = dcp.export_official_pt(src, pt or os.path.join(out_dir, f"{step:07d}.pt"))
     if what in ("both", "safetensors"):
-        written["safetensors"] = C.export_ema_safetensors(
+        written["safetensors"] = dcp.export_ema_safetensors(
             src, safetensors or os.path.join(out_dir, f"ema-{step:07d}.safetensors"))
     return written
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         written = export(args.path, args.step, args.pt, args.safetensors, args.only)
-    except C.CheckpointError as e:
+    except dcp.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for k in ("pt", "safetensors"):

@@ -12,9 +12,9 @@ plain-JSON train and objective state, so a method that adds state adds a key.
 Progress is counted in images (step x --batch-size; the bar, the metrics and the checkpoints say how many
 were seen), in steps of the global batch. Rank r reads its slice of
 the global batch (StepSampler) and every random draw of a sample comes from a generator seeded by
-(seed, step, index of the sample in the global batch) (fastrepa.train.rng), so the loss sequence does not
+(seed, step, index of the sample in the global batch) (fastrepa.rng), so the loss sequence does not
 depend on the number of processes, and a run resumed from a checkpoint repeats the uninterrupted run bit
-for bit. Checkpoints are DCP directories (fastrepa.train.checkpointing) under OUTPUT_DIR/EXP_NAME/
+for bit. Checkpoints are DCP directories (fastrepa.train.dcp) under OUTPUT_DIR/EXP_NAME/
 checkpoints/; a run started where one exists continues from the newest complete one. At the end the
 official REPA `.pt` and the EMA safetensors are exported beside them.
 
@@ -38,12 +38,12 @@ from fastrepa.encoders import load_encoders
 from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
 from fastrepa.objectives import StepContext, build_objective, method_model_options
-from fastrepa.train import checkpointing as C
+from fastrepa.train import dcp
 from fastrepa.train.ema import make_ema
 from fastrepa.train.flops import peak_tflops
 from fastrepa.train.parallel import reshard, resolve_mode, wrap
 from fastrepa.train.report import MetricsLog, dry_run, metrics_line, write_report
-from fastrepa.train.rng import draw_step
+from fastrepa.rng import draw_step
 from fastrepa.train.schedule import lr_at
 from fastrepa.train.signals import StopRequest
 from fastrepa.train.sinks import check_report_to, open_sinks
@@ -105,7 +105,7 @@ def load_grid_vae(cfg: TrainConfig, latent_channels: int, device: torch.device):
             raise ValueError(f"--vae {cfg.data.vae} decodes {channels}-channel latents; the latents in --data-dir "
                              f"{cfg.data.data_dir} (and the model) have {latent_channels}")
         box["vae"] = vae.to(device)
-    C.on_rank0(load, f"loading --vae {cfg.data.vae}")
+    dcp.on_rank0(load, f"loading --vae {cfg.data.vae}")
     return box.get("vae")
 
 
@@ -226,8 +226,8 @@ class Trainer:
         self.first = env.rank * self.local_batch
         self.loader = build_loader(dataset, self.sampler, cfg.data.num_workers, pin_memory=device.type == "cuda",
                                    backend=self.loader_backend, device=device)
-        self.last_ckpt = self.resumed[1] if self.resumed else None
-        self.saved_step = self.resumed[0] if self.resumed else None
+        self.last_ckpt = self.resumed.path if self.resumed else None
+        self.saved_step = self.resumed.step if self.resumed else None
         self.last_grid = self.stopped = None
         self.pending = {}  # step -> its random draws, made one step ahead
         self.bar = None  # the progress bar of fit (rank 0)
@@ -255,28 +255,28 @@ class Trainer:
     def save(self) -> str:
         parts = self.state()
         self.saved_step = self.step_now
-        # the train state's keys at the top of train_state.json (the layout of earlier checkpoints)
+        # train_state.json: the train state's keys at its top level, the objective's state under "objective"
         extra = {**parts.pop("train"), "objective": parts.pop("objective")}
-        return C.save(self.ckpt_root, self.step_now, model=parts.pop("model"), ema=parts.pop("ema"),
+        return dcp.save(self.ckpt_root, self.step_now, model=parts.pop("model"), ema=parts.pop("ema"),
                       optimizer=parts.pop("optim"), extra=extra, keep_last=self.cfg.keep_last)
 
     def resume(self):
-        """Load the newest complete checkpoint (or --resume-step's) into every part; returns ((step, path) or
-        None, the saved metrics window or None)."""
-        found = C.resume_point(self.ckpt_root, self.cfg.resume_step or None)
+        """Load the newest complete checkpoint (or --resume-step's) into every part; returns (the
+        dcp.StepCheckpoint or None, the saved metrics window or None)."""
+        found = dcp.resume_point(self.ckpt_root, self.cfg.resume_step or None)
         if found is None:
             return None, None
         # the run's identity first (seed, batch, data, method), then the tensors
-        check_resume_matches(C.on_rank0(lambda: C.read_extra(found[1]), f"reading {found[1]}"), self.cfg,
-                             len(self.dataset), found[1])
-        extra = C.load(found[1], model=self.model, ema=self.ema, optimizer=self.opt)
+        check_resume_matches(dcp.on_rank0(lambda: dcp.read_extra(found.path), f"reading {found.path}"), self.cfg,
+                             len(self.dataset), found.path)
+        extra = dcp.load(found.path, model=self.model, ema=self.ema, optimizer=self.opt)
         self.objective.load_state_dict(extra.get("objective") or {})
         self.step_now = int(extra["step"])
         self.skipped = int(extra.get("nonfinite_skipped", 0))
         if extra.get("grad_scaler"):
             self.step_fn.scaler.load_state_dict(extra["grad_scaler"])
         if self.rank0:
-            print(f"resuming from {found[1]} (step {self.step_now}, {extra.get('images', '?')} images seen)",
+            print(f"resuming from {found.path} (step {self.step_now}, {extra.get('images', '?')} images seen)",
                   flush=True)
         return found, extra.get("metrics_window")
 
@@ -377,9 +377,9 @@ class Trainer:
         cfg, step, world = self.cfg, self.step_now, self.env.world_size
         checkpoint = self.last_ckpt
         if self.stopped is None:  # the end of training: the official .pt and the EMA safetensors
-            checkpoint = C.export_official_pt(model=self.model, ema=self.ema, optimizer=self.opt,
+            checkpoint = dcp.export_official_pt(model=self.model, ema=self.ema, optimizer=self.opt,
                                               out_file=checkpoint_path(cfg, step), args=self.flat, steps=step)
-            C.export_ema_safetensors(self.ema, os.path.join(self.ckpt_root, f"ema-{step:07d}.safetensors"),
+            dcp.export_ema_safetensors(self.ema, os.path.join(self.ckpt_root, f"ema-{step:07d}.safetensors"),
                                      config=self.flat)
         images_trained = (step - start_step) * cfg.batch_size
         rate = images_trained / max(train_time, 1e-9)
@@ -387,7 +387,7 @@ class Trainer:
             "exp_dir": self.exp_dir, "device": str(self.device), "world_size": world, "parallel": self.mode,
             "data_loader": self.loader_backend, "model": cfg.model.model, "method": cfg.objective.method,
             "params": self.n_params, "encoders": cfg.objective.encoders,
-            "resumed_from": self.resumed[0] if self.resumed else None, "steps": step, "batch_size": cfg.batch_size,
+            "resumed_from": self.resumed.step if self.resumed else None, "steps": step, "batch_size": cfg.batch_size,
             "images_trained": images_trained, "train_seconds": round(train_time, 2),
             "wall_seconds": round(time.time() - self.t_start, 2), "images_per_s": round(rate, 2),
             "stopped_by": self.stopped, "nonfinite_skipped": self.skipped,

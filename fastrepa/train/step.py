@@ -55,7 +55,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def to_device(self, draws: dict) -> dict:
-        """The CPU draws of a step (fastrepa.train.rng.draw_step) on the device without a host sync: pinned,
+        """The CPU draws of a step (fastrepa.rng.draw_step) on the device without a host sync: pinned,
         then copied asynchronously (the copies queue behind the kernels already launched)."""
         if self.device.type != "cuda":
             return {k: t.to(self.device) for k, t in draws.items()}
@@ -64,7 +64,7 @@ class TrainStep:
     def __call__(self, batch: dict, draws: dict, *, lr: float, ctx: StepContext | None = None,
                  stop_flag: bool = False, before_sync=None) -> StepResult:
         """batch: this rank's samples as a dict (image, moments, label, ...); draws: their random draws
-        (fastrepa.train.rng.draw_step), best already on the device (`to_device`, e.g. in the previous step's
+        (fastrepa.rng.draw_step), best already on the device (`to_device`, e.g. in the previous step's
         before_sync). ctx: the step and epoch (the teacher and autocast are filled in here).
         before_sync: called after the last kernel launch and before the host sync (the loop draws the
         next step's random numbers there, while the device still works)."""

@@ -14,9 +14,9 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from conftest import TINY, tiny_model
 from faults import SimulatedCrash, crash_in_save
-from fastrepa.checkpoint import CheckpointError, load_checkpoint_file, load_weights
+from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, load_weights
 from fastrepa.models import build_model
-from fastrepa.train import checkpointing as C
+from fastrepa.train import dcp
 from fastrepa.train.ema import make_ema, update_ema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,15 +82,15 @@ EXTRA = {"step": 2, "images_seen": 4, "data_position": 17, "seeds": {"global": 0
 
 def test_round_trip_single_process(tmp_path):
     model, ema, opt = trained()
-    path = C.save(str(tmp_path), 2, model=model, ema=ema, optimizer=opt, extra=EXTRA)
+    path = dcp.save(str(tmp_path), 2, model=model, ema=ema, optimizer=opt, extra=EXTRA)
     assert os.path.basename(path) == "step-000000002"
     assert sorted(os.listdir(path)) == ["COMMITTED", "ema", "model", "optim", "train_state.json"]
     marker = json.load(open(os.path.join(path, "COMMITTED")))
     assert marker["step"] == 2 and marker["world_size"] == 1 and "model/.metadata" in marker["files"]
-    assert C.latest(str(tmp_path)) == (2, path) and C.find(str(tmp_path), 2) == path
+    assert dcp.latest(str(tmp_path)) == (2, path) and dcp.find(str(tmp_path), 2) == path
 
     m2, e2, o2 = fresh()
-    extra = C.load(path, model=m2, ema=e2, optimizer=o2)
+    extra = dcp.load(path, model=m2, ema=e2, optimizer=o2)
     assert extra == EXTRA
     assert_same(model.state_dict(), m2.state_dict())
     assert_same(ema.state_dict(), e2.state_dict())
@@ -107,94 +107,94 @@ def test_keep_last_k_and_resave_same_step(tmp_path):
     model, ema, opt = trained(steps=1)
     root = str(tmp_path / "ck")
     for s in (1, 2, 3, 4):
-        C.save(root, s, model=model, ema=ema, optimizer=opt, extra={"step": s}, keep_last=2)
-    assert [s for s, _ in C.list_complete(root)] == [3, 4]
-    C.save(root, 4, model=model, ema=ema, optimizer=opt, extra={"step": 4, "again": True}, keep_last=2)
-    assert [s for s, _ in C.list_complete(root)] == [3, 4]
-    assert C.read_extra(C.find(root, 4)) == {"step": 4, "again": True}
+        dcp.save(root, s, model=model, ema=ema, optimizer=opt, extra={"step": s}, keep_last=2)
+    assert [s for s, _ in dcp.list_complete(root)] == [3, 4]
+    dcp.save(root, 4, model=model, ema=ema, optimizer=opt, extra={"step": 4, "again": True}, keep_last=2)
+    assert [s for s, _ in dcp.list_complete(root)] == [3, 4]
+    assert dcp.read_extra(dcp.find(root, 4)) == {"step": 4, "again": True}
     assert sorted(os.listdir(root)) == ["step-000000003", "step-000000004"]
     # an older step saved after newer ones (a user resumed further back) is kept: it was just written
-    C.save(root, 2, model=model, ema=ema, optimizer=opt, extra={"step": 2}, keep_last=1)
-    assert [s for s, _ in C.list_complete(root)] == [2, 4]
+    dcp.save(root, 2, model=model, ema=ema, optimizer=opt, extra={"step": 2}, keep_last=1)
+    assert [s for s, _ in dcp.list_complete(root)] == [2, 4]
     all_root = str(tmp_path / "all")
     for s in (1, 2, 3):
-        C.save(all_root, s, model=model, extra={})
-    assert [s for s, _ in C.list_complete(all_root)] == [1, 2, 3]
+        dcp.save(all_root, s, model=model, extra={})
+    assert [s for s, _ in dcp.list_complete(all_root)] == [1, 2, 3]
     with pytest.raises(ValueError, match="keep_last"):
-        C.save(all_root, 4, model=model, keep_last=0)
+        dcp.save(all_root, 4, model=model, keep_last=0)
 
 
 @pytest.mark.parametrize("point", ["after_shards", "after_marker"])
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, point):
     model, ema, opt = trained()
     root = str(tmp_path)
-    good = C.save(root, 10, model=model, ema=ema, optimizer=opt, extra={"step": 10}, keep_last=1)
+    good = dcp.save(root, 10, model=model, ema=ema, optimizer=opt, extra={"step": 10}, keep_last=1)
     train_steps(model, ema, opt, 1, seed=3)
     with pytest.MonkeyPatch.context() as mp:
         crash_in_save(mp.setattr, point)
         with pytest.raises(SimulatedCrash):
-            C.save(root, 20, model=model, ema=ema, optimizer=opt, extra={"step": 20}, keep_last=1)
+            dcp.save(root, 20, model=model, ema=ema, optimizer=opt, extra={"step": 20}, keep_last=1)
     assert os.path.isdir(os.path.join(root, "step-000000020.partial"))
-    assert C.latest(root) == (10, good)
+    assert dcp.latest(root) == (10, good)
     with pytest.raises(CheckpointError, match=r"step-000000020\.partial.*complete steps available: \[10\]"):
-        C.find(root, 20)
+        dcp.find(root, 20)
     with pytest.raises(CheckpointError, match="not complete"):
-        C.load(os.path.join(root, "step-000000020.partial"), model=fresh()[0])
+        dcp.load(os.path.join(root, "step-000000020.partial"), model=fresh()[0])
     m2, e2, o2 = fresh()
-    assert C.load(good, model=m2, ema=e2, optimizer=o2) == {"step": 10}
+    assert dcp.load(good, model=m2, ema=e2, optimizer=o2) == {"step": 10}
     # the next successful save removes the partial directory, and keep_last=1 the older one
-    C.save(root, 30, model=model, ema=ema, optimizer=opt, extra={"step": 30}, keep_last=1)
+    dcp.save(root, 30, model=model, ema=ema, optimizer=opt, extra={"step": 30}, keep_last=1)
     assert sorted(os.listdir(root)) == ["step-000000030"]
 
 
 def test_find_and_incomplete_errors(tmp_path):
     root = str(tmp_path)
     with pytest.raises(CheckpointError, match=rf"step 5 in {root}.*complete steps available: none"):
-        C.find(root, 5)
-    assert C.latest(root) is None and C.latest(str(tmp_path / "nothing")) is None
+        dcp.find(root, 5)
+    assert dcp.latest(root) is None and dcp.latest(str(tmp_path / "nothing")) is None
     model, ema, opt = trained(steps=1)
-    p1 = C.save(root, 1, model=model, ema=ema, optimizer=opt)
-    p2 = C.save(root, 2, model=model, ema=ema, optimizer=opt)
+    p1 = dcp.save(root, 1, model=model, ema=ema, optimizer=opt)
+    p2 = dcp.save(root, 2, model=model, ema=ema, optimizer=opt)
     os.remove(os.path.join(p2, "COMMITTED"))  # looks like a save that did not finish
-    assert C.latest(root) == (1, p1)
+    assert dcp.latest(root) == (1, p1)
     with pytest.raises(CheckpointError, match=r"no readable COMMITTED.*complete steps available: \[1\]"):
-        C.find(root, 2)
+        dcp.find(root, 2)
     with open(os.path.join(p1, "model", "__0_0.distcp"), "r+b") as f:  # truncated shard
         f.truncate(10)
-    assert C.latest(root) is None
+    assert dcp.latest(root) is None
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp has 10 bytes"):
-        C.find(root, 1)
+        dcp.find(root, 1)
     with pytest.raises(CheckpointError, match="not complete"):
-        C.load(p1, model=model)
+        dcp.load(p1, model=model)
     # an unrelated directory is never touched by cleanup; incomplete ones are
     os.makedirs(os.path.join(root, "mine"))
-    C.save(root, 3, model=model, keep_last=1)
+    dcp.save(root, 3, model=model, keep_last=1)
     assert sorted(os.listdir(root)) == ["mine", "step-000000003"]
 
 
 def test_strict_load_lists_keys(tmp_path):
     model, ema, opt = trained(steps=1)
-    path = C.save(str(tmp_path), 1, model=model, ema=ema, optimizer=opt)
+    path = dcp.save(str(tmp_path), 1, model=model, ema=ema, optimizer=opt)
     other = build_model("SiT-S/2", **{**TINY, "depth": 3})
     with pytest.raises(CheckpointError, match=r"does not match the model \(SiT\); missing keys: blocks\.4\.attn"):
-        C.load(path, model=build_model("SiT-S/2", **{**TINY, "depth": 5}))
+        dcp.load(path, model=build_model("SiT-S/2", **{**TINY, "depth": 5}))
     with pytest.raises(CheckpointError, match=r"unexpected keys: blocks\.3\.[^;]*blocks\.3\.mlp"):
-        C.load(path, model=other)
+        dcp.load(path, model=other)
     with pytest.raises(CheckpointError, match=r"shape mismatches: .*projectors\.0\.0\.weight"):
-        C.load(path, model=build_model("SiT-S/2", **{**TINY, "projector_dim": 16}))
-    sub = C.save(str(tmp_path), 3, model=model, optimizer=torch.optim.AdamW(model.blocks.parameters()))
+        dcp.load(path, model=build_model("SiT-S/2", **{**TINY, "projector_dim": 16}))
+    sub = dcp.save(str(tmp_path), 3, model=model, optimizer=torch.optim.AdamW(model.blocks.parameters()))
     m2, _, o2 = fresh()
     with pytest.raises(CheckpointError, match=r"does not match the optimizer; missing keys: state\.x_embedder"):
-        C.load(sub, model=m2, optimizer=o2)
-    p0 = C.save(str(tmp_path), 2, model=model)
+        dcp.load(sub, model=m2, optimizer=o2)
+    p0 = dcp.save(str(tmp_path), 2, model=model)
     with pytest.raises(CheckpointError, match=r"has no optim state"):
-        C.load(p0, model=model, optimizer=opt)
+        dcp.load(p0, model=model, optimizer=opt)
 
 
 def test_extra_must_be_plain_json(tmp_path):
     model = tiny_model()
     with pytest.raises(CheckpointError, match="plain JSON"):
-        C.save(str(tmp_path), 1, model=model, extra={"rng": torch.zeros(3)})
+        dcp.save(str(tmp_path), 1, model=model, extra={"rng": torch.zeros(3)})
     assert os.listdir(tmp_path) == []
 
 
@@ -223,14 +223,14 @@ def check_safetensors(f, ema, config):
 def test_exports_load_strict(tmp_path):
     model, ema, opt = trained()
     args = {"model": "SiT-S/2", "learning_rate": 1e-3, "encoder_depth": 2}
-    pt = C.export_official_pt(out_file=str(tmp_path / "live.pt"), model=model, ema=ema, optimizer=opt,
+    pt = dcp.export_official_pt(out_file=str(tmp_path / "live.pt"), model=model, ema=ema, optimizer=opt,
                               args=args, steps=2)
     check_official(pt, model, ema, opt, args, 2)
-    path = C.save(str(tmp_path / "ck"), 2, model=model, ema=ema, optimizer=opt, extra={"config": args})
-    check_official(C.export_official_pt(path, str(tmp_path / "fromdir.pt")), model, ema, opt, args, 2)
-    st = C.export_ema_safetensors(ema, str(tmp_path / "ema.safetensors"), config=args)
+    path = dcp.save(str(tmp_path / "ck"), 2, model=model, ema=ema, optimizer=opt, extra={"config": args})
+    check_official(dcp.export_official_pt(path, str(tmp_path / "fromdir.pt")), model, ema, opt, args, 2)
+    st = dcp.export_ema_safetensors(ema, str(tmp_path / "ema.safetensors"), config=args)
     check_safetensors(st, ema, args)
-    check_safetensors(C.export_ema_safetensors(path, str(tmp_path / "ema2.safetensors")), ema, args)
+    check_safetensors(dcp.export_ema_safetensors(path, str(tmp_path / "ema2.safetensors")), ema, args)
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
@@ -244,8 +244,8 @@ SCRIPT = textwrap.dedent("""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from conftest import tiny_model
     from faults import SimulatedCrash, crash_in_save
-    from test_checkpointing import train_steps
-    from fastrepa.train import checkpointing as C
+    from test_dcp import train_steps
+    from fastrepa.train import dcp
     from fastrepa.train.ema import make_ema
 
     out, from1 = sys.argv[1], sys.argv[2]
@@ -275,7 +275,7 @@ SCRIPT = textwrap.dedent("""
         model, ema, opt = build(mode)
         train_steps(model, ema, opt, 2, seed=10 + rank)  # each rank its own data
         root = os.path.join(out, mode)
-        C.save(root, 2, model=model, ema=ema, optimizer=opt, extra={{"step": 2, "world": 2}}, keep_last=2)
+        dcp.save(root, 2, model=model, ema=ema, optimizer=opt, extra={{"step": 2, "world": 2}}, keep_last=2)
         state = full(model, ema, opt)
         if rank == 0:
             torch.save(state, os.path.join(out, mode + "_full.pt"))
@@ -284,18 +284,18 @@ SCRIPT = textwrap.dedent("""
             with pytest.MonkeyPatch.context() as mp:
                 crash_in_save(mp.setattr, "after_shards")
                 try:
-                    C.save(root, 3, model=model, ema=ema, optimizer=opt, extra={{"step": 3}})
+                    dcp.save(root, 3, model=model, ema=ema, optimizer=opt, extra={{"step": 3}})
                     raise SystemExit("the injected crash did not happen")
                 except SimulatedCrash:
                     pass
-            assert C.resume_point(root)[0] == 2
-            C.export_official_pt(out_file=os.path.join(out, "official.pt"), model=model, ema=ema, optimizer=opt,
+            assert dcp.resume_point(root)[0] == 2
+            dcp.export_official_pt(out_file=os.path.join(out, "official.pt"), model=model, ema=ema, optimizer=opt,
                                  args={{"model": "SiT-S/2"}}, steps=2)
-            C.export_ema_safetensors(ema, os.path.join(out, "ema.safetensors"), config={{"model": "SiT-S/2"}})
+            dcp.export_ema_safetensors(ema, os.path.join(out, "ema.safetensors"), config={{"model": "SiT-S/2"}})
             # 2 -> 2: a fresh sharded model gets exactly the same state back
             m2, e2, o2 = build(mode)
-            step, path = C.resume_point(root)
-            assert C.load(path, model=m2, ema=e2, optimizer=o2) == {{"step": 2, "world": 2}}
+            step, path = dcp.resume_point(root)
+            assert dcp.load(path, model=m2, ema=e2, optimizer=o2) == {{"step": 2, "world": 2}}
             again = full(m2, e2, o2)
             if rank == 0:
                 for part in ("model", "ema"):
@@ -303,7 +303,7 @@ SCRIPT = textwrap.dedent("""
                         assert torch.equal(v, again[part][k]), (part, k)
             # 1 -> 2: the checkpoint the single process wrote, loaded sharded
             m3, e3, o3 = build(mode)
-            C.load(from1, model=m3, ema=e3, optimizer=o3)
+            dcp.load(from1, model=m3, ema=e3, optimizer=o3)
             got = full(m3, e3, o3)
             if rank == 0:
                 torch.save(got, os.path.join(out, "from1_full.pt"))
@@ -332,7 +332,7 @@ def fsdp2_works_on_cpu():
 def test_two_process_fsdp2_and_ddp_reshard(tmp_path):
     # a single-process checkpoint, to be loaded by 2 sharded processes (1 -> 2)
     m1, e1, o1 = trained(seed=7)
-    from1 = C.save(str(tmp_path / "single"), 2, model=m1, ema=e1, optimizer=o1, extra={"step": 2})
+    from1 = dcp.save(str(tmp_path / "single"), 2, model=m1, ema=e1, optimizer=o1, extra={"step": 2})
     script = tmp_path / "dist_ckpt.py"
     script.write_text(SCRIPT.format(tests=TESTS))
     out = tmp_path / "out"
@@ -346,7 +346,7 @@ def test_two_process_fsdp2_and_ddp_reshard(tmp_path):
 
     for mode in ("fsdp2", "ddp"):
         root = str(out / mode)
-        step, path = C.latest(root)
+        step, path = dcp.latest(root)
         assert step == 2 and json.load(open(os.path.join(path, "COMMITTED")))["world_size"] == 2
         if mode == "fsdp2":
             assert sorted(os.listdir(root)) == ["step-000000002", "step-000000003.partial"]
@@ -355,7 +355,7 @@ def test_two_process_fsdp2_and_ddp_reshard(tmp_path):
         ref = torch.load(out / f"{mode}_full.pt", weights_only=True)
         # 2 -> 1: a plain single-process model gets the full weights the 2 ranks held
         m, e, o = fresh()
-        assert C.load(path, model=m, ema=e, optimizer=o) == {"step": 2, "world": 2}
+        assert dcp.load(path, model=m, ema=e, optimizer=o) == {"step": 2, "world": 2}
         assert_same(ref["model"], m.state_dict())
         assert_same(ref["ema"], e.state_dict())
         mine = get_optimizer_state_dict(m, o)

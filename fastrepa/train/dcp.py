@@ -1,60 +1,18 @@
 """Training checkpoints on torch.distributed.checkpoint (DCP): sharded, resharding, crash-safe.
 
-Works the same for one plain process (no process group), DDP and FSDP2 (`fully_shard`) under torchrun
-(gloo or nccl). Model, EMA and optimizer go through `torch.distributed.checkpoint.state_dict`
-(get_/set_model_state_dict, get_/set_optimizer_state_dict), so keys are the canonical parameter names
-(no `module.` / `_orig_mod.`), FSDP2 DTensors are written sharded by the ranks that own them, and a
-checkpoint loads onto any number of processes and any wrapping (FSDP2 on 2 ranks -> plain on 1, ...).
+The layout, the save protocol and what makes a checkpoint complete: docs/design.md, "Checkpoints and
+resume". One plain process, DDP and FSDP2 alike; keys are the canonical parameter names, and a checkpoint
+loads onto any number of processes and any wrapping.
 
     path = save(root, step, model=model, ema=ema, optimizer=opt, extra={"step": step, "config": flat, ...})
-    found = resume_point(root, resume_step=None)         # (step, path) agreed by all ranks, or None
-    extra = load(found[1], model=model, ema=ema, optimizer=opt)
+    found = resume_point(root, resume_step=None)         # a StepCheckpoint agreed by all ranks, or None
+    extra = load(found.path, model=model, ema=ema, optimizer=opt)
     export_official_pt(model=model, ema=ema, optimizer=opt, out_file=..., args=flat, steps=step)
     export_ema_safetensors(ema, out_file, config=flat)
 
-Every function that touches modules is a collective: call it on every rank.
-
-On-disk layout (one run owns one `root`; names that do not match `step-<9 digits>...` are never touched):
-
-    root/
-      step-000004000/               a complete checkpoint
-        model/  .metadata  __<rank>_0.distcp ...     DCP of get_model_state_dict(model)
-        ema/    .metadata  __<rank>_0.distcp ...     DCP of get_model_state_dict(ema)
-        optim/  .metadata  __<rank>_0.distcp ...     DCP of get_optimizer_state_dict(model, optimizer)
-        train_state.json                             `extra` (plain JSON: step, images, config, ...)
-        COMMITTED                                    JSON: format, step, world_size, components,
-                                                     every file of the checkpoint with its size in bytes
-      step-000005000.partial/       a save in progress, or one that crashed: never loaded, removed by
-                                    the next successful save
-
-Save protocol (crash-safe, also on a shared filesystem: NFS, Lustre, GPFS):
-  1. rank 0 removes a leftover `step-N.partial` of the same step and creates it empty; every rank waits.
-  2. every rank writes its DCP shards of model, EMA and optimizer into `step-N.partial/` (DCP fsyncs each
-     file; its coordinator writes `.metadata` only after all ranks reported their writes).
-     Rank 0 writes `train_state.json` (temp file + fsync + os.replace).
-  3. barrier: every rank's shards are on disk.
-  4. rank 0 writes `COMMITTED` (temp file + fsync + os.replace): the list of files with their sizes.
-  5. rank 0 renames `step-N.partial` -> `step-N` (one atomic rename in the same directory) and fsyncs
-     `root`. Re-saving a step that already has a complete checkpoint first renames the old one to
-     `step-N.old` and removes it after the new one is in place.
-  6. rank 0 cleans up (keep-last-K), then all ranks return the path.
-A checkpoint is complete if and only if its directory is named `step-N` AND holds a COMMITTED marker of
-step N whose listed files all exist with the listed sizes. A crash anywhere before (5) leaves only a
-`.partial` directory, which is never loaded; the previous complete checkpoints are untouched, because
-cleanup runs only after the new one is complete. The size check also rejects a directory that was
-copied half-way (rsync/cp interrupted) or is not yet fully visible on a shared filesystem.
-`step-N.old` with a valid marker counts as step N only when `step-N` is not complete (a crash between the
-two renames of step 5). An object store without atomic directory rename is not supported.
-On resume, rank 0 alone lists the directory and broadcasts its choice (`resume_point`), so ranks whose
-filesystem view lags cannot pick different checkpoints.
-
-Keep-last-K: after a complete save, complete checkpoints beyond the K newest (by step; the one just
-written is always kept) and every incomplete directory are deleted. K=None keeps all.
-
-`extra` is stored as JSON (never pickled); tuples come back as lists and dict keys as strings. Tensors
-(e.g. a torch.Generator state) are not accepted: the trainer seeds every draw by (seed, step, index of the sample in the global batch).
-DCP itself stores non-tensor optimizer values (lr, betas, param names) as small pickled entries of plain
-Python types; no object of this package is ever pickled.
+Every function that touches modules is a collective: call it on every rank. `extra` is stored as JSON
+(tuples come back as lists, dict keys as strings; tensors are refused); no object of this package is
+pickled (DCP stores plain optimizer values such as lr and betas as small pickled entries).
 """
 from __future__ import annotations
 
@@ -65,10 +23,11 @@ import shutil
 import time
 import warnings
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint as torch_dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -76,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from fastrepa.checkpoint import CheckpointError, raise_on_mismatch, save_checkpoint_file
+from fastrepa.official_ckpt import CheckpointError, raise_on_mismatch, save_checkpoint_file
 from fastrepa.distributed import barrier, is_distributed, rank, world_size
 from fastrepa.io import TEMP_MARK, atomic_path, fsync_dir, write_json, write_text
 
@@ -199,13 +158,19 @@ def _scan(root: str) -> tuple[dict, list]:
     return dict(sorted(complete.items())), other
 
 
-def list_complete(ckpt_root: str) -> list[tuple[int, str]]:
-    """Every complete checkpoint under `ckpt_root` as (step, path), oldest first."""
-    return list(_scan(ckpt_root)[0].items())
+class StepCheckpoint(NamedTuple):
+    """A complete checkpoint directory and the step it holds."""
+    step: int
+    path: str
 
 
-def latest(ckpt_root: str) -> tuple[int, str] | None:
-    """The newest complete checkpoint (step, path), or None when there is none."""
+def list_complete(ckpt_root: str) -> list[StepCheckpoint]:
+    """Every complete checkpoint under `ckpt_root`, oldest first."""
+    return [StepCheckpoint(s, p) for s, p in _scan(ckpt_root)[0].items()]
+
+
+def latest(ckpt_root: str) -> StepCheckpoint | None:
+    """The newest complete checkpoint, or None when there is none."""
     found = list_complete(ckpt_root)
     return found[-1] if found else None
 
@@ -224,13 +189,13 @@ def find(ckpt_root: str, step: int) -> str:
                           f"complete steps available: {have if have else 'none'}")
 
 
-def resume_point(ckpt_root: str, resume_step: int | None = None) -> tuple[int, str] | None:
+def resume_point(ckpt_root: str, resume_step: int | None = None) -> StepCheckpoint | None:
     """Where to resume: `find(resume_step)` when given (non-zero), else `latest` (None: start fresh).
 
     Decided by rank 0 and broadcast, so all ranks agree; errors are raised on every rank."""
     def decide():
         if resume_step:
-            return int(resume_step), find(ckpt_root, int(resume_step))
+            return StepCheckpoint(int(resume_step), find(ckpt_root, int(resume_step)))
         return latest(ckpt_root)
     return on_rank0(decide, f"finding the checkpoint to resume in {ckpt_root}")
 
@@ -290,7 +255,7 @@ def save(ckpt_root: str, step: int, *, model: torch.nn.Module, ema: torch.nn.Mod
     world = world_size()
     for name, sd in sds.items():
         with _dcp_quiet():
-            dcp.save(sd, storage_writer=FileSystemWriter(os.path.join(partial, name), sync_files=True),
+            torch_dcp.save(sd, storage_writer=FileSystemWriter(os.path.join(partial, name), sync_files=True),
                      no_dist=not is_distributed())
     del sds
 
@@ -373,13 +338,13 @@ def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = Non
         sd = get_model_state_dict(module)
         _check_keys(os.path.join(path, name), sd, f"{name} ({type(module).__name__})")
         with _dcp_quiet():
-            dcp.load(sd, storage_reader=FileSystemReader(os.path.join(path, name)), no_dist=no_dist)
+            torch_dcp.load(sd, storage_reader=FileSystemReader(os.path.join(path, name)), no_dist=no_dist)
         set_model_state_dict(module, sd)
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)
         _check_keys(os.path.join(path, "optim"), osd, "optimizer", relaxed=_optim_relaxed)
         with _dcp_quiet():
-            dcp.load(osd, storage_reader=FileSystemReader(os.path.join(path, "optim")),
+            torch_dcp.load(osd, storage_reader=FileSystemReader(os.path.join(path, "optim")),
                      planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
         set_optimizer_state_dict(model, optimizer, osd)
     with open(os.path.join(path, STATE_FILE)) as f:

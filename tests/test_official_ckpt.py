@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fastrepa.checkpoint import (CheckpointError, convert_legacy, load_checkpoint_file, load_weights,
+from fastrepa.official_ckpt import (CheckpointError, convert_legacy, load_checkpoint_file, load_weights,
                                  save_checkpoint_file, select_weights, weights_name)
 
 

@@ -112,7 +112,3 @@ def save_checkpoint_file(path: str, ckpt: dict) -> None:
     """torch.save, published atomically (fastrepa.io)."""
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-
-
-def cpu_state_dict(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
