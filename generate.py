@@ -40,6 +40,8 @@ def build_parser():
                    help="fused ops: Triton kernels on CUDA (auto, triton) or the PyTorch reference (torch)")
     p.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
                    help="2D RoPE on q/k (default: the checkpoint's)")
+    p.add_argument("--rope-pairs", choices=("half", "interleaved"), default=None,
+                   help="RoPE's dim pairing (default: the checkpoint's, else half; interleaved for ERW's)")
     p.add_argument("--projector-embed-dims", default=None,
                    help="accepted for compatibility; the projector sizes are read from the checkpoint")
     p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
@@ -221,7 +223,7 @@ class Generator:
         except RuntimeError as e:
             parser.error(f"--kernels: {e}")
         overrides = {"model": a.model, "num_classes": a.num_classes, "encoder_depth": a.encoder_depth,
-                     "qk_norm": a.qk_norm, "rope": a.rope, "kernels": a.kernels,
+                     "qk_norm": a.qk_norm, "rope": a.rope, "rope_pairs": a.rope_pairs, "kernels": a.kernels,
                      "input_size": a.resolution // 8 if a.resolution else None}
         if a.fused_attn is not None:
             overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
+from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
 from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
 from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
@@ -58,6 +59,9 @@ class ModelConfig:
     kernels: str = flag("auto", "fused ops: triton (Triton kernels, CUDA), torch (PyTorch reference), "
                                 "auto (triton on CUDA, torch elsewhere)", choices=IMPLS)
     rope: bool = flag(False, "2D axial rotary embedding on q and k (after the QK-norm); adds no weights")
+    rope_pairs: str = flag("half", "which dims RoPE rotates together: half (ours: i and i + head_dim/4 in "
+                                   "each half) or interleaved (2i and 2i + 1: EVA-02's, as ERW's checkpoints "
+                                   "use)", choices=ROPE_PAIRS)
     # Size overrides (official SiT constructor names); None keeps the registry value.
     input_size: int | None = flag(None, "latent size (default: resolution // 8)")
     in_channels: int | None = flag(None, "latent channels (default 4, the SD-VAE)")
@@ -72,6 +76,7 @@ class ModelConfig:
         _need(self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
         _need(self.attn_backend in BACKENDS, "attn_backend", self.attn_backend, f"one of {BACKENDS}")
         _need(self.kernels in IMPLS, "kernels", self.kernels, f"one of {IMPLS}")
+        _need(self.rope_pairs in ROPE_PAIRS, "rope_pairs", self.rope_pairs, f"one of {ROPE_PAIRS}")
 
     def backend(self) -> str:
         if self.attn_backend != "sdpa":
@@ -258,7 +263,7 @@ class TrainConfig:
         """Constructor arguments for `build_model(self.model.model, **...)` (z_dims is the caller's)."""
         m = self.model
         kw = dict(num_classes=m.num_classes, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
-                  qk_norm=m.qk_norm, attn_backend=m.backend(), kernels=m.kernels, rope=m.rope,
+                  qk_norm=m.qk_norm, attn_backend=m.backend(), kernels=m.kernels, rope=m.rope, rope_pairs=m.rope_pairs,
                   input_size=m.input_size if m.input_size is not None else self.data.resolution // 8)
         for name in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob"):
             if getattr(m, name) is not None:

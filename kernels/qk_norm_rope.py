@@ -9,15 +9,17 @@ Semantics (timm Attention as used by the official SiT, plus an optional rotary e
   (`x * rsqrt(mean(x^2) + eps) * weight`, weight optional, no bias). q and k have their own parameters.
 - RoPE (`rope_grid`): None or (grid_h, grid_w); applied to q and k after the norm. v is only re-laid out.
 
-RoPE convention (2D axial, rotate-half pairs):
+RoPE convention (2D axial):
 - head_dim must be divisible by 4; m = head_dim // 4;
 - the T tokens form a row-major grid (grid_h, grid_w) with grid_h * grid_w == T; token t has row
   r = t // grid_w and column c = t % grid_w;
 - inv_freq_i = base ** (-i / m) for i in 0..m-1 (base = `rope_base`, default 10000.0);
 - dims [0, 2m) rotate by the angles r * inv_freq, dims [2m, 4m) by c * inv_freq;
-- within each half of size 2m the pairs are (j, j + m), j < m, rotated by angle_j:
-      out_j     = x_j     * cos - x_{j+m} * sin
-      out_{j+m} = x_{j+m} * cos + x_j     * sin
+- `rope_pairs` says which two dims of a half form the pair (a, b) rotated by angle_i:
+      out_a = x_a * cos - x_b * sin,   out_b = x_b * cos + x_a * sin
+  "half" (ours, rotate-half): (i, i + m) within each half, i < m;
+  "interleaved" (EVA-02's VisionRotaryEmbeddingFast, which ERW's --use_rope uses): (2i, 2i + 1)
+  within each half, i < m;
 - angles, cos and sin are computed in fp32 (fp64 when the reference runs on fp64 inputs).
 
 Implementations, in this order below (docs/design.md, "The fused-op rule"):
@@ -43,13 +45,14 @@ if HAS_TRITON:
 
 
 NORMS = ("layernorm", "rmsnorm")
+ROPE_PAIRS = ("half", "interleaved")
 
 
 # --------------------------------------------------------------------------------------------------
 # 1. Reference: plain PyTorch, the definition of the semantics.
 # --------------------------------------------------------------------------------------------------
 
-def _check(qkv, num_heads, norm, rope_grid):
+def _check(qkv, num_heads, norm, rope_grid, rope_pairs="half"):
     """Validate the arguments; returns (B, T, head_dim)."""
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be [B, T, 3*H*head_dim], got shape {tuple(qkv.shape)}")
@@ -59,6 +62,8 @@ def _check(qkv, num_heads, norm, rope_grid):
     hd = C3 // (3 * num_heads)
     if norm is not None and norm not in NORMS:
         raise ValueError(f"qk norm kind {norm!r} is not one of {NORMS} (or None)")
+    if rope_pairs not in ROPE_PAIRS:
+        raise ValueError(f"rope_pairs {rope_pairs!r} is not one of {ROPE_PAIRS}")
     if rope_grid is not None:
         if hd % 4 != 0:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got head_dim={hd}")
@@ -71,20 +76,26 @@ def _check(qkv, num_heads, norm, rope_grid):
 
 
 def rope_angles(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0, device=None,
-                dtype=torch.float32):
+                dtype=torch.float32, pairs: str = "half"):
     """cos, sin [grid_h*grid_w, head_dim] of the 2D axial RoPE (convention in the module docstring)."""
     m = head_dim // 4
     inv_freq = base ** (-torch.arange(m, dtype=dtype, device=device) / m)
     t = torch.arange(grid_h * grid_w, device=device)
     r = (t // grid_w).to(dtype)[:, None] * inv_freq  # [T, m]
     c = (t % grid_w).to(dtype)[:, None] * inv_freq
-    ang = torch.cat([r, r, c, c], dim=-1)  # dims j and j+m of each half share an angle
+    if pairs == "interleaved":  # dims 2i and 2i+1 of each half share an angle
+        ang = torch.cat([r.repeat_interleave(2, -1), c.repeat_interleave(2, -1)], dim=-1)
+    else:  # dims i and i+m of each half share an angle
+        ang = torch.cat([r, r, c, c], dim=-1)
     return ang.cos(), ang.sin()
 
 
-def _rotate_half_2d(x):
-    """(x_j, x_{j+m}) -> (-x_{j+m}, x_j) within each half of the head dim."""
+def _rotate_pairs(x, pairs: str = "half"):
+    """(x_a, x_b) -> (-x_b, x_a) for every pair (a, b) of `pairs` within each half of the head dim."""
     m = x.shape[-1] // 4
+    if pairs == "interleaved":
+        x = x.unflatten(-1, (2, m, 2))
+        return torch.stack([-x[..., 1], x[..., 0]], dim=-1).flatten(-3)
     x = x.unflatten(-1, (2, 2, m))
     return torch.stack([-x[..., 1, :], x[..., 0, :]], dim=-2).flatten(-3)
 
@@ -100,25 +111,25 @@ def _norm(x, weight, bias, eps, kind):
 
 def qk_norm_rope_reference(qkv, num_heads: int, q_weight=None, q_bias=None, k_weight=None, k_bias=None,
                            eps: float = 1e-5, norm: Optional[str] = None, rope_grid=None,
-                           rope_base: float = 10000.0):
+                           rope_base: float = 10000.0, rope_pairs: str = "half"):
     """qkv [B, T, 3*H*hd] -> q, k, v [B, H, T, hd]: QK-norm (None/'layernorm'/'rmsnorm'), then RoPE.
 
     fp32 inside (fp64 for fp64 inputs, which makes it the test oracle); outputs in qkv.dtype.
     """
-    B, T, hd = _check(qkv, num_heads, norm, rope_grid)
+    B, T, hd = _check(qkv, num_heads, norm, rope_grid, rope_pairs)
     q, k, v = qkv.reshape(B, T, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
     if norm is None and rope_grid is None:
         return q, k, v
     acc = torch.promote_types(qkv.dtype, torch.float32)
     if rope_grid is not None:
-        cos, sin = rope_angles(int(rope_grid[0]), int(rope_grid[1]), hd, rope_base, qkv.device, acc)
+        cos, sin = rope_angles(int(rope_grid[0]), int(rope_grid[1]), hd, rope_base, qkv.device, acc, rope_pairs)
 
     def one(x, weight, bias):
         x = x.to(acc)
         if norm is not None:
             x = _norm(x, weight, bias, eps, norm)
         if rope_grid is not None:
-            x = x * cos + _rotate_half_2d(x) * sin
+            x = x * cos + _rotate_pairs(x, rope_pairs) * sin
         return x.to(qkv.dtype)
 
     return one(q, q_weight, q_bias), one(k, k_weight, k_bias), v
@@ -143,14 +154,20 @@ def qk_norm_rope_reference(qkv, num_heads: int, q_weight=None, q_bias=None, k_we
 
 if HAS_TRITON:  # the kernels exist only where triton does; the references work everywhere
     @triton.jit
-    def _rope_tables(t, d, HD, GRID_W, log2_base):
+    def _rope_tables(t, d, HD, GRID_W, log2_base, INTERLEAVED: tl.constexpr):
         """cos and signed sin [BLOCK_T, BLOCK_D] (fp32) and the partner lane of each lane."""
         m = HD // 4
         dd = d % (2 * m)
-        first = dd < m
-        partner = tl.where(first, d + m, d - m)
+        if INTERLEAVED:  # pairs (2i, 2i + 1) of each half, angle i
+            first = (d % 2) == 0
+            partner = tl.where(first, d + 1, d - 1)
+            freq_i = dd // 2
+        else:  # pairs (i, i + m) of each half, angle i
+            first = dd < m
+            partner = tl.where(first, d + m, d - m)
+            freq_i = d % m
         sign = tl.where(first, -1.0, 1.0)
-        inv_freq = tl.exp2((d % m).to(tl.float32) * (-log2_base / m.to(tl.float32)))
+        inv_freq = tl.exp2(freq_i.to(tl.float32) * (-log2_base / m.to(tl.float32)))
         row = (t // GRID_W).to(tl.float32)
         col = (t % GRID_W).to(tl.float32)
         pos = tl.where((d < 2 * m)[None, :], row[:, None], col[:, None])
@@ -197,8 +214,8 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
         tl.store(OUT + out_off, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+    def _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE: tl.constexpr,
+                      INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """The tile of program (bh, pid_t): tokens t, head dims d, masks, C, the rows of q of (b, t, h)
         inside qkv and of (b, h, t) inside q/k/v, their [BLOCK_T, BLOCK_D] offsets, the stats offsets,
         and the RoPE cos / sin / partner dims (0, 0 and d without RoPE)."""
@@ -216,7 +233,7 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
         out_off = out_row[:, None] + d[None, :]
         stat_off = bh.to(tl.int64) * T + t
         if HAS_ROPE:
-            cos, sin, partner = _rope_tables(t, d, HD, GRID_W, log2_base)
+            cos, sin, partner = _rope_tables(t, d, HD, GRID_W, log2_base, INTERLEAVED)
         else:
             cos = 0.0
             sin = 0.0
@@ -228,12 +245,12 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
             QKV, Q, K, V, QW, QB, KW, KB, STATS,
             T, H, HD, ROWS, GRID_W, eps, log2_base,
             HAS_NORM: tl.constexpr, RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
-            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr,
+            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)  # batch * head on axis 0 (no 65535 limit), token tiles on axis 1
         pid_t = tl.program_id(1)
         t, d, tmask, dmask, mask, C, in_row, out_row, in_off, out_off, stat_off, cos, sin, partner = \
-            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, BLOCK_T, BLOCK_D)
+            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, INTERLEAVED, BLOCK_T, BLOCK_D)
         in_p_off = in_row[:, None] + partner[None, :]
 
         v = tl.load(QKV + in_off + 2 * C, mask=mask, other=0.0)
@@ -287,12 +304,12 @@ if HAS_TRITON:  # the kernels exist only where triton does; the references work 
             DQ, DK, DV, QKV, DQKV, QW, KW, STATS, PART,
             T, H, HD, ROWS, NPROG, GRID_W, log2_base,
             HAS_NORM: tl.constexpr, RMS: tl.constexpr, HAS_QW: tl.constexpr, HAS_QB: tl.constexpr,
-            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr,
+            HAS_KW: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(0)  # batch * head on axis 0 (no 65535 limit), token tiles on axis 1
         pid_t = tl.program_id(1)
         t, d, tmask, dmask, mask, C, in_row, out_row, in_off, g_off, stat_off, cos, sin, partner = \
-            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, BLOCK_T, BLOCK_D)
+            _tile_offsets(bh, pid_t, T, H, HD, GRID_W, log2_base, HAS_ROPE, INTERLEAVED, BLOCK_T, BLOCK_D)
         g_p_off = out_row[:, None] + partner[None, :]
         # partial sums of this program: PART[i, prog, :] for i = q weight, q bias, k weight, k bias
         prog = bh.to(tl.int64) * tl.num_programs(1) + pid_t
@@ -322,7 +339,7 @@ def _tiles(T: int, hd: int):
 @torch.library.custom_op("fastrepa::qk_norm_rope_fwd", mutates_args=())
 def _fwd(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], q_bias: Optional[torch.Tensor],
          k_weight: Optional[torch.Tensor], k_bias: Optional[torch.Tensor], num_heads: int, eps: float,
-         has_norm: bool, rmsnorm: bool, has_rope: bool, grid_w: int, rope_base: float
+         has_norm: bool, rmsnorm: bool, has_rope: bool, grid_w: int, rope_base: float, interleaved: bool
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [B, H, T, hd] contiguous and stats [2, 2, B*H*T] fp32 (empty without a norm)."""
     qkv = qkv.contiguous()
@@ -347,14 +364,14 @@ def _fwd(qkv: torch.Tensor, q_weight: Optional[torch.Tensor], q_bias: Optional[t
         stats if has_norm else q,
         T, H, hd, rows, max(grid_w, 1), eps, math.log2(rope_base),
         HAS_NORM=has_norm, RMS=rmsnorm, HAS_QW=q_weight is not None, HAS_QB=q_bias is not None,
-        HAS_KW=k_weight is not None, HAS_KB=k_bias is not None, HAS_ROPE=has_rope,
+        HAS_KW=k_weight is not None, HAS_KB=k_bias is not None, HAS_ROPE=has_rope, INTERLEAVED=interleaved,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return q, k, v, stats
 
 
 @_fwd.register_fake
 def _(qkv, q_weight, q_bias, k_weight, k_bias, num_heads, eps, has_norm, rmsnorm, has_rope, grid_w,
-      rope_base):
+      rope_base, interleaved):
     B, T, C3 = qkv.shape
     hd = C3 // (3 * num_heads)
     out = [qkv.new_empty(B, num_heads, T, hd) for _ in range(3)]
@@ -366,7 +383,7 @@ def _(qkv, q_weight, q_bias, k_weight, k_bias, num_heads, eps, has_norm, rmsnorm
 def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor,
          q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], stats: torch.Tensor,
          has_norm: bool, rmsnorm: bool, has_qb: bool, has_kb: bool, has_rope: bool, grid_w: int,
-         rope_base: float) -> tuple[torch.Tensor, torch.Tensor]:
+         rope_base: float, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """dqkv [B, T, 3*H*hd] in qkv.dtype and dparams [4, hd] fp32 (d q_weight, q_bias, k_weight, k_bias;
     zero rows for absent parameters). `qkv` may be an empty placeholder (dtype only) without a norm."""
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -385,14 +402,14 @@ def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor
         stats if has_norm else dqkv, part if has_norm else dqkv,
         T, H, hd, B * H * T, nprog, max(grid_w, 1), math.log2(rope_base),
         HAS_NORM=has_norm, RMS=rmsnorm, HAS_QW=q_weight is not None, HAS_QB=has_qb,
-        HAS_KW=k_weight is not None, HAS_KB=has_kb, HAS_ROPE=has_rope,
+        HAS_KW=k_weight is not None, HAS_KB=has_kb, HAS_ROPE=has_rope, INTERLEAVED=interleaved,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return dqkv, part.sum(1)
 
 
 @_bwd.register_fake
 def _(dq, dk, dv, qkv, q_weight, k_weight, stats, has_norm, rmsnorm, has_qb, has_kb, has_rope, grid_w,
-      rope_base):
+      rope_base, interleaved):
     B, H, T, hd = dq.shape
     return (dq.new_empty(B, T, 3 * H * hd, dtype=qkv.dtype),
             dq.new_empty(4, hd, dtype=torch.float32))
@@ -400,11 +417,12 @@ def _(dq, dk, dv, qkv, q_weight, k_weight, stats, has_norm, rmsnorm, has_qb, has
 
 def _setup_context(ctx, inputs, output):
     (qkv, q_weight, q_bias, k_weight, k_bias, num_heads, eps, has_norm, rmsnorm, has_rope, grid_w,
-     rope_base) = inputs
+     rope_base, interleaved) = inputs
     # without a norm the backward needs only qkv's dtype: keep an empty placeholder, not the activation
     ctx.save_for_backward(qkv if has_norm else qkv.new_empty(0), q_weight, k_weight, output[3])
     ctx.flags = dict(has_norm=has_norm, rmsnorm=rmsnorm, has_qb=q_bias is not None,
-                     has_kb=k_bias is not None, has_rope=has_rope, grid_w=grid_w, rope_base=rope_base)
+                     has_kb=k_bias is not None, has_rope=has_rope, grid_w=grid_w, rope_base=rope_base,
+                     interleaved=interleaved)
     ctx.param_dtypes = [None if p is None else p.dtype for p in (q_weight, q_bias, k_weight, k_bias)]
     ctx.out_shape = output[0].shape
     ctx.out_dtype = output[0].dtype
@@ -421,7 +439,7 @@ def _backward(ctx, dq, dk, dv, _dstats):
     dp = [None if dt is None or not ctx.needs_input_grad[1 + i] else dparams[i].to(dt)
           for i, dt in enumerate(ctx.param_dtypes)]
     return (dqkv if ctx.needs_input_grad[0] else None, *dp,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -433,13 +451,13 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def qk_norm_rope(qkv, num_heads: int, q_weight=None, q_bias=None, k_weight=None, k_bias=None,
                  eps: float = 1e-5, norm: Optional[str] = None, rope_grid=None, rope_base: float = 10000.0,
-                 impl: str = "auto"):
+                 rope_pairs: str = "half", impl: str = "auto"):
     """qkv [B, T, 3*H*hd] -> q, k, v [B, H, T, hd] with optional QK-norm then 2D RoPE (see module doc).
 
     impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch" (kernels/_dispatch.py).
     """
-    _check(qkv, num_heads, norm, rope_grid)
-    args = (qkv, num_heads, q_weight, q_bias, k_weight, k_bias, eps, norm, rope_grid, rope_base)
+    _check(qkv, num_heads, norm, rope_grid, rope_pairs)
+    args = (qkv, num_heads, q_weight, q_bias, k_weight, k_bias, eps, norm, rope_grid, rope_base, rope_pairs)
     if not use_triton(impl, qkv, q_weight, q_bias, k_weight, k_bias):
         return qk_norm_rope_reference(*args)
     if norm is None and rope_grid is None:  # a pure re-layout: nothing worth a kernel
@@ -451,5 +469,5 @@ def qk_norm_rope(qkv, num_heads: int, q_weight=None, q_bias=None, k_weight=None,
     q, k, v, _ = torch.ops.fastrepa.qk_norm_rope_fwd(
         qkv, q_weight, q_bias, k_weight, k_bias, num_heads, float(eps), norm is not None,
         norm == "rmsnorm", rope_grid is not None, 0 if rope_grid is None else int(rope_grid[1]),
-        float(rope_base))
+        float(rope_base), rope_pairs == "interleaved")
     return q, k, v

@@ -59,7 +59,7 @@ def run_ops():
             _backward(K.gated_residual(x, gate, y, impl="triton"))
     for H, hd in ((16, 72), (12, 64)):
         for norm in ("layernorm", "rmsnorm", None):
-            for rope in ((8, 8), None):
+            for rope, pairs in (((8, 8), "half"), ((8, 8), "interleaved"), (None, "half")):
                 if norm is None and rope is None:
                     continue  # a pure view: no kernel
                 qkv = _leaf(1, T, 3 * H * hd)
@@ -67,7 +67,8 @@ def run_ops():
                          k_weight=_leaf(hd, dtype=torch.float32), k_bias=_leaf(hd, dtype=torch.float32))
                 if norm == "rmsnorm":
                     w.pop("q_bias"), w.pop("k_bias")
-                _backward(*K.qk_norm_rope(qkv, H, norm=norm, rope_grid=rope, impl="triton", **(w if norm else {})))
+                _backward(*K.qk_norm_rope(qkv, H, norm=norm, rope_grid=rope, rope_pairs=pairs, impl="triton",
+                                          **(w if norm else {})))
     x = _leaf(1, T, 1152)
     ws = [_leaf(2048, 1152), _leaf(2048), _leaf(2048, 2048), _leaf(2048), _leaf(768, 2048), _leaf(768)]
     _backward(K.projector(x, *ws, impl="triton"))

@@ -87,6 +87,9 @@ def test_kernels_and_rope_flags_reach_the_model():
     cfg = parse("--preset", "demo", "--kernels", "torch", "--rope", "--qk-norm")
     kw = cfg.model_overrides()
     assert kw["kernels"] == "torch" and kw["rope"] is True and kw["qk_norm"] is True
+    assert kw["rope_pairs"] == "half"
+    assert parse("--preset", "demo", "--rope", "--rope-pairs", "interleaved").model_overrides()["rope_pairs"] == \
+        "interleaved"
     assert parse("--preset", "demo").model.kernels == "auto"
     with pytest.raises(SystemExit):  # argparse refuses a value outside the choices, naming the flag
         parse("--kernels", "cuda")

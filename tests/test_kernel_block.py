@@ -40,7 +40,9 @@ def _block_run(block, x, c, cot):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("opts", [dict(), dict(qk_norm=True, rope=True)])
+@pytest.mark.parametrize("opts", [dict(), dict(qk_norm=True, rope=True),
+                                  dict(qk_norm=True, rope=True, rope_pairs="interleaved")],
+                         ids=["plain", "qknorm-rope", "qknorm-rope-interleaved"])
 def test_block_triton_equals_torch(dtype, opts):
     model = tiny_model(**opts)
     block = model.blocks[1]
@@ -138,3 +140,25 @@ def test_kernels_option_is_validated():
         build_model("SiT-S/2", **{**TINY, "kernels": "cuda"})
     with pytest.raises(ValueError, match="head_dim"):
         build_model("SiT-S/2", **{**TINY, "num_heads": 2, "hidden_size": 36, "rope": True})
+
+
+def test_rope_pairs_come_back_from_a_checkpoints_args(tmp_path):
+    """A checkpoint whose args say rope_pairs=interleaved (an ERW-style model) samples with that pairing;
+    an official REPA file (no such key) gets ours; the weights are the same keys either way."""
+    from fastrepa.generation import model_from_checkpoint
+    from fastrepa.official_ckpt import save_checkpoint_file
+    model = tiny_model(rope=True)
+    path = str(tmp_path / "0000001.pt")
+    x = torch.randn(2, 4, 8, 8)
+    t, y = torch.rand(2), torch.tensor([1, 2])
+    outs = {}
+    for pairs in ("interleaved", None):
+        args = {"model": "SiT-S/2", **{k: v for k, v in TINY.items() if k != "z_dims"}, "rope": True}
+        if pairs:
+            args["rope_pairs"] = pairs
+        save_checkpoint_file(path, {"model": model.state_dict(), "ema": model.state_dict(), "args": args, "steps": 1})
+        loaded, _ = model_from_checkpoint(path, overrides={"kernels": "torch"})
+        assert {b.attn.rope_pairs for b in loaded.blocks} == {pairs or "half"}
+        with torch.no_grad():
+            outs[pairs] = loaded(x, t, y)[0]
+    assert not torch.allclose(outs["interleaved"], outs[None])

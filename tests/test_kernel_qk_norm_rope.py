@@ -205,3 +205,54 @@ def test_torch_compile_fullgraph(norm):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ interleaved pairs (EVA-02, as ERW)
+
+def eva02_rope(x, grid, base):
+    """EVA-02's VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid, theta=base) applied to
+    x [..., grid * grid, head_dim], written as EVA-02 writes it, in float64: per-axis frequencies
+    theta^(-2i/dim), positions arange(ft) / ft * pt, angles repeated '(n r)' with r = 2, the row angles
+    on the first half of head_dim and the column angles on the second (broadcat), rotate_half on the
+    pairs (2j, 2j + 1)."""
+    hd = x.shape[-1]
+    dim = hd // 2
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64)[: dim // 2] / dim))
+    t = torch.arange(grid, dtype=torch.float64) / grid * grid
+    f = (t[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # [grid, dim]
+    f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)], dim=-1)
+    cos, sin = f.cos().reshape(grid * grid, hd), f.sin().reshape(grid * grid, hd)
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+@pytest.mark.parametrize("hd", [8, 16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_interleaved_pairs_are_eva02_rope(impl, hd):
+    grid, base, H = 3, 10000.0, 2
+    x = torch.randn(2, grid * grid, 3 * H * hd, dtype=torch.float64)
+    dtype = torch.float32 if impl == "triton" else torch.float64
+    q, k, v = qk_norm_rope(x.to(DEVICE, dtype), H, rope_grid=(grid, grid), rope_base=base, rope_pairs="interleaved",
+                           impl=impl)
+    q0, k0, v0 = x.view(2, grid * grid, 3, H, hd).permute(2, 0, 3, 1, 4)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.double().cpu(), eva02_rope(q0, grid, base), **tol)
+    torch.testing.assert_close(k.double().cpu(), eva02_rope(k0, grid, base), **tol)
+    assert torch.equal(v.cpu(), v0.to(dtype))
+    half, _, _ = qk_norm_rope(x.to(DEVICE, dtype), H, rope_grid=(grid, grid), rope_base=base, impl=impl)
+    assert not torch.allclose(half, q)  # the two conventions differ
+
+
+@pytest.mark.parametrize("norm", [None, "layernorm"], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}hd{s[2]}g{s[3][0]}x{s[3][1]}")
+def test_interleaved_matches_reference(shape, dtype, norm):
+    B, H, hd, grid = shape
+    qkv, params, cots = make_inputs(B, H, hd, grid[0] * grid[1], norm, seed=7)
+    check_against_oracle(qkv, params, cots, H, dtype, norm=norm, rope_grid=grid, rope_pairs="interleaved")
+
+
+def test_rope_pairs_must_be_known():
+    with pytest.raises(ValueError, match="rope_pairs 'eva'"):
+        qk_norm_rope(torch.randn(1, 4, 3 * 8).to(DEVICE), 1, rope_grid=(2, 2), rope_pairs="eva")

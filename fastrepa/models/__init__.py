@@ -20,6 +20,7 @@ from torch import nn
 
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
+from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
 from fastrepa.models.dit import DiT
 from fastrepa.models.sit import SiT
 
@@ -38,7 +39,7 @@ MODEL_NAMES = tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
-             "attn_backend", "kernels", "rope", "ap_head")
+             "attn_backend", "kernels", "rope", "rope_pairs", "ap_head")
 
 
 def family_of(name: str) -> str:
@@ -58,7 +59,8 @@ def model_kwargs(name: str, **overrides) -> dict:
     depth, hidden, heads = SIZES[size]
     kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
               num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
-              projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False, ap_head=False,
+              projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False, rope_pairs="half",
+              ap_head=False,
               **FAMILIES[family][1])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["z_dims"] = [int(z) for z in kw["z_dims"]]
@@ -87,6 +89,7 @@ def validate_model_kwargs(kw: dict) -> None:
              f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} (the model depth)")
     need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
     need(kw["kernels"] in IMPLS, f"kernels={kw['kernels']!r} is not one of {IMPLS}")
+    need(kw["rope_pairs"] in ROPE_PAIRS, f"rope_pairs={kw['rope_pairs']!r} is not one of {ROPE_PAIRS}")
     if kw["rope"]:
         head_dim = kw["hidden_size"] // kw["num_heads"]
         need(head_dim % 4 == 0, f"rope=True needs head_dim (hidden_size / num_heads = {head_dim}) divisible by 4")

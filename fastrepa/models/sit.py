@@ -15,11 +15,12 @@ class Attention(nn.Module):
     """timm Attention layout: `qkv` (with bias), optional `q_norm`/`k_norm` LayerNorm(head_dim), `proj`.
 
     `rope_grid` (grid_h, grid_w) applies 2D axial rotary embeddings to q and k after the QK-norm (no
-    parameters, so no state-dict keys); `kernels` picks the fused-op implementation (fastrepa.kernels).
+    parameters, so no state-dict keys), pairing dims as `rope_pairs` says ("half": ours; "interleaved":
+    EVA-02's, as ERW uses); `kernels` picks the fused-op implementation (fastrepa.kernels).
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, attn_backend: str = "sdpa",
-                 kernels: str = "auto", rope_grid=None):
+                 kernels: str = "auto", rope_grid=None, rope_pairs: str = "half"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -32,11 +33,13 @@ class Attention(nn.Module):
         self.attn_backend = attn_backend
         self.kernels = kernels
         self.rope_grid = None if rope_grid is None else tuple(rope_grid)
+        self.rope_pairs = rope_pairs
 
     def forward(self, x):
         norm = dict(q_weight=self.q_norm.weight, q_bias=self.q_norm.bias, k_weight=self.k_norm.weight,
                     k_bias=self.k_norm.bias, eps=self.q_norm.eps, norm="layernorm") if self.qk_norm else {}
-        q, k, v = K.qk_norm_rope(self.qkv(x), self.num_heads, rope_grid=self.rope_grid, impl=self.kernels, **norm)
+        q, k, v = K.qk_norm_rope(self.qkv(x), self.num_heads, rope_grid=self.rope_grid, rope_pairs=self.rope_pairs,
+                                 impl=self.kernels, **norm)
         return self.proj(attention(q, k, v, self.attn_backend))
 
 
@@ -64,10 +67,10 @@ class SiTBlock(nn.Module):
     eps = 1e-6  # norm1/norm2: LayerNorm without affine (no state-dict keys)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 attn_backend: str = "sdpa", kernels: str = "auto", rope_grid=None):
+                 attn_backend: str = "sdpa", kernels: str = "auto", rope_grid=None, rope_pairs: str = "half"):
         super().__init__()
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, attn_backend=attn_backend,
-                              kernels=kernels, rope_grid=rope_grid)
+                              kernels=kernels, rope_grid=rope_grid, rope_pairs=rope_pairs)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.kernels = kernels
@@ -143,7 +146,7 @@ class SiT(nn.Module):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, z_dims=(768,), encoder_depth: int = 8, projector_dim: int = 2048,
                  qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False,
-                 ap_head: bool = False):
+                 ap_head: bool = False, rope_pairs: str = "half"):
         super().__init__()
         self.kernels = kernels
         self.in_channels = in_channels
@@ -163,7 +166,7 @@ class SiT(nn.Module):
         grid = self.x_embedder.grid_size
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend, kernels,
-                      rope_grid=(grid, grid) if rope else None) for _ in range(depth)])
+                      rope_grid=(grid, grid) if rope else None, rope_pairs=rope_pairs) for _ in range(depth)])
         self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z, kernels) for z in self.z_dims])
         if ap_head:
             self.ap_head = APHead(hidden_size)
