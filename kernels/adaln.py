@@ -33,9 +33,11 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 
 def layernorm_modulate_reference(x, shift, scale, eps: float = 1e-6):
-    """LN(x) * (1 + scale) + shift, LN over the last dim without affine; fp32 inside."""
-    h = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
-    h = h * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
+    """LN(x) * (1 + scale) + shift, LN over the last dim without affine; fp32 inside (fp64 for fp64
+    inputs, which makes it the tests' oracle)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    h = F.layer_norm(x.to(acc), (x.shape[-1],), eps=eps)
+    h = h * (1 + scale.to(acc).unsqueeze(1)) + shift.to(acc).unsqueeze(1)
     return h.to(x.dtype)
 
 
