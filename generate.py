@@ -76,8 +76,9 @@ def build_parser():
     p.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a process waits for the others at a barrier before failing")
     # Metrics (fastrepa.eval) of the assembled samples.
-    p.add_argument("--ref", default=None, help="ADM reference .npz, or a folder of PNG/JPEG images: score the "
-                                               "samples (FID, sFID, IS, P/R)")
+    p.add_argument("--ref", "--fid-reference", dest="ref", default=None,
+                   help="ADM reference .npz, or a folder of PNG/JPEG images: score the samples (FID, sFID, IS, "
+                        "P/R); --fid-reference is ERW's spelling")
     p.add_argument("--ref-center-crop", action="store_true",
                    help="with a --ref folder: ADM center crop its images to the samples' resolution")
     p.add_argument("--inception", default=None,

@@ -57,7 +57,7 @@ class Variant:
         self.method, self.repa_twin = method, repa_twin  # repa_twin: the REPA variant of the same path
 
     def describe(self):
-        compiled = "per-block compile + " + ("compiled encoder" if self.method == "repa" else "compiled teacher blocks")
+        compiled = "per-block compile + " + ("compiled teacher blocks" if self.method == "sra" else "compiled encoder")
         return (f"{self.method}, kernels={self.kernels}, " + (compiled if self.compiled else "eager")
                 + f", AdamW({'fused=True' if self.fused_adamw else 'foreach (default)'})"
                 + (f", {self.mixed_precision} autocast + GradScaler on CUDA" if self.mixed_precision == "fp16" else ""))
@@ -76,7 +76,13 @@ VARIANTS = {v.name: v for v in [
     Variant("sra", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="sra",
             repa_twin="compile+triton"),
     Variant("sra-eager", "torch", compiled=False, fused_adamw=True, method="sra", repa_twin="eager+fused-adamw"),
+    # ERW's warmup step: blocks 1..l2r-depth and the projector only (the early exit), on the same paths
+    Variant("erw-warmup", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="erw-warmup",
+            repa_twin="compile+triton"),
+    Variant("erw-warmup-eager", "torch", compiled=False, fused_adamw=True, method="erw-warmup",
+            repa_twin="eager+fused-adamw"),
 ]}
+ERW_L2R_DEPTH = 4  # ERW's --l2r-depth (the tiny --quick model: 1)
 
 
 def parse_variants(arg):
@@ -158,14 +164,14 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
     trainer's TrainStep."""
     from fastrepa.encoders import load_encoder
     from fastrepa.models import model_kwargs
-    from fastrepa.objectives import REPA, SRA, FlowMatching
+    from fastrepa.objectives import ERW, REPA, SRA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.parallel import compile_blocks
     from fastrepa.train.step import TrainStep
 
     device = ctx.device
     encoder = None
-    if variant.method == "repa":
+    if variant.method != "sra":
         probe = model_kwargs(name, **overrides)
         torch.manual_seed(1)  # the encoder's random weights, the same in every variant
         encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
@@ -178,6 +184,10 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
     ema = make_ema(model)
     if variant.method == "repa":
         objective = REPA(model, FlowMatching(), [encoder], encoder_names=[enc_type], resolution=resolution)
+    elif variant.method == "erw-warmup":  # every timed step inside the warmup
+        objective = ERW(model, FlowMatching(), [encoder], warmup_steps=10**9, lambda_c0=1.0,
+                        l2r_depth=min(ERW_L2R_DEPTH, max(1, kw["depth"] - 1)), encoder_names=[enc_type],
+                        resolution=resolution)
     else:
         s, t = sra_blocks(name, kw["depth"])
         objective = SRA(model, FlowMatching(), block_out_s=s, block_out_t=t, resolution=resolution)
@@ -226,7 +236,7 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
     first_s = time.perf_counter() - t0
     times = time_calls(one_step, device, repeats, warmup)
     med = statistics.median(times)
-    flops = objective.train_flops(model)
+    flops = objective.warmup_flops(model) if variant.method == "erw-warmup" else objective.train_flops(model)
     peak = peak_tflops(device)
     tflops = B * flops / (med * 1e-3) / 1e12
     row = {"status": "ok", "method": variant.method, "step_ms": med, "step_ms_min": min(times),
@@ -237,7 +247,8 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
            "tokens": (latent // kw["patch_size"]) ** 2, "hidden_size": kw["hidden_size"], "depth": kw["depth"],
            "encoder_tokens": encoder.num_tokens if encoder is not None else None,
            "encoder_dim": encoder.embed_dim if encoder is not None else None,
-           "sra_blocks": [objective.s, objective.t] if variant.method == "sra" else None}
+           "sra_blocks": [objective.s, objective.t] if variant.method == "sra" else None,
+           "l2r_depth": objective.l2r_depth if variant.method == "erw-warmup" else None}
     del step_fn, model, encoder, objective
     return row
 
@@ -255,7 +266,8 @@ def add_metrics(rows, matmul_tflops):
                                     if o and r["variant"] != "official" else None)
         r["speedup_vs_repa"] = r["images_per_s"] / twin["images_per_s"] if twin else None
         # the first loss is comparable within one method (the same weights, inputs and draws)
-        ref = e if r.get("method", "repa") == "repa" else ok.get(("sra-eager", r["B"]))
+        ref = {"repa": e, "sra": ok.get(("sra-eager", r["B"])),
+               "erw-warmup": ok.get(("erw-warmup-eager", r["B"]))}[r.get("method", "repa")]
         r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
                                        if ref else None)
     return rows
@@ -292,7 +304,7 @@ def run(args, ctx):
         variant = VARIANTS[vname]
         reason = skip_reason(ctx, variant)
         for B in batches:
-            row = {"model": label, "model_name": name, "encoder": enc if variant.method == "repa" else None,
+            row = {"model": label, "model_name": name, "encoder": enc if variant.method != "sra" else None,
                    "method": variant.method, "resolution": resolution, "B": B,
                    "variant": vname, "impl": variant.describe(), "kernels": variant.kernels,
                    "compile": variant.compiled, "fused_adamw": variant.fused_adamw, "dtype": ctx.dtype_name,
@@ -330,6 +342,8 @@ def run(args, ctx):
                         "/ step time; MFU % (peak): that / the device's data-sheet dense bf16 peak; % matmul "
                         "probe: that / this run's matmul probe.",
                         "- x eager, x official: img/s over the eager / official (REPA) row of the same B; x REPA "
-                        "(SRA rows): img/s over the REPA row of the same path (sra: compile+triton, sra-eager: "
-                        "eager+fused-adamw) and B."]},
+                        "(SRA and ERW rows): img/s over the REPA row of the same path (sra, erw-warmup: "
+                        "compile+triton; sra-eager, erw-warmup-eager: eager+fused-adamw) and B. erw-warmup: "
+                        "ERW's warmup step (clean latents at t = 0, blocks 1..4, the projector, the alignment "
+                        "loss; the later blocks never run), FLOPs counted for those blocks."]},
     }

@@ -17,6 +17,7 @@ from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
 from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
+from fastrepa.objectives.erw import HALF_LIFE, check_erw, default_lambda_c0
 from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -59,9 +60,11 @@ class ModelConfig:
     kernels: str = flag("auto", "fused ops: triton (Triton kernels, CUDA), torch (PyTorch reference), "
                                 "auto (triton on CUDA, torch elsewhere)", choices=IMPLS)
     rope: bool = flag(False, "2D axial rotary embedding on q and k (after the QK-norm); adds no weights")
-    rope_pairs: str = flag("half", "which dims RoPE rotates together: half (ours: i and i + head_dim/4 in "
-                                   "each half) or interleaved (2i and 2i + 1: EVA-02's, as ERW's checkpoints "
-                                   "use)", choices=ROPE_PAIRS)
+    rope_pairs: str | None = flag(None, "which dims RoPE rotates together: half (ours: i and i + head_dim/4 "
+                                        "in each half; the default) or interleaved (2i and 2i + 1: EVA-02's, as "
+                                        "ERW's checkpoints use; the default with --use_rope)", choices=ROPE_PAIRS)
+    use_rope: bool = flag(False, "ERW's spelling of --rope: the 2D RoPE with ERW's (EVA-02's) interleaved pairs",
+                          aliases=("--use_rope",))
     # Size overrides (official SiT constructor names); None keeps the registry value.
     input_size: int | None = flag(None, "latent size (default: resolution // 8)")
     in_channels: int | None = flag(None, "latent channels (default 4, the SD-VAE)")
@@ -76,7 +79,12 @@ class ModelConfig:
         _need(self.num_classes >= 1, "num_classes", self.num_classes, "a positive integer")
         _need(self.attn_backend in BACKENDS, "attn_backend", self.attn_backend, f"one of {BACKENDS}")
         _need(self.kernels in IMPLS, "kernels", self.kernels, f"one of {IMPLS}")
-        _need(self.rope_pairs in ROPE_PAIRS, "rope_pairs", self.rope_pairs, f"one of {ROPE_PAIRS}")
+        _need(self.rope_pairs is None or self.rope_pairs in ROPE_PAIRS, "rope_pairs", self.rope_pairs,
+              f"one of {ROPE_PAIRS}")
+        if self.use_rope:  # ERW's spelling: the RoPE, with ERW's pairs unless --rope-pairs says otherwise
+            self.rope = True
+            self.rope_pairs = self.rope_pairs or "interleaved"
+        self.rope_pairs = self.rope_pairs or "half"
 
     def backend(self) -> str:
         if self.attn_backend != "sdpa":
@@ -86,8 +94,10 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type) or sra "
-                               "(self-alignment to the EMA model, no encoder)", choices=tuple(METHODS))
+    method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type), sra "
+                               "(self-alignment to the EMA model, no encoder) or erw (a warmup of the first "
+                               "blocks on the encoder's features, then REPA with a decaying weight)",
+                       choices=tuple(METHODS))
     path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
     prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
     weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
@@ -110,8 +120,19 @@ class ObjectiveConfig:
                                          "cosine_similarity(dim=1) on [N, T, D]) or per token over the features",
                                choices=COS_AXES)
 
+    # ERW (official ERW flag names)
+    warmup_steps: int = flag(100000, "ERW: warmup steps (phase 1), counted in --max-train-steps as ERW does")
+    l2r_depth: int = flag(4, "ERW: the blocks (1..N) trained in the warmup; the projector follows block N there")
+    lambda_c0: float | None = flag(None, "ERW: the alignment weight at the end of the warmup, decaying as "
+                                         "c0 * 2^(-(step - warmup) / --lambda-half-life) (default 6 for XL "
+                                         "models, 3 for L, 1 otherwise)")
+    lambda_half_life: float = flag(float(HALF_LIFE), "ERW: steps over which the alignment weight halves")
+
     def __post_init__(self):
         _need(self.path_type in PATH_TYPES, "path_type", self.path_type, f"one of {PATH_TYPES}")
+        _need(self.warmup_steps >= 1, "warmup_steps", self.warmup_steps, "a positive integer")
+        _need(self.lambda_c0 is None or self.lambda_c0 >= 0, "lambda_c0", self.lambda_c0, "a number >= 0")
+        _need(self.lambda_half_life > 0, "lambda_half_life", self.lambda_half_life, "a number of steps > 0")
         _need(self.prediction in PREDICTIONS, "prediction", self.prediction, f"one of {PREDICTIONS}")
         _need(self.weighting in WEIGHTINGS, "weighting", self.weighting, f"one of {WEIGHTINGS}")
         _need(self.proj_coeff >= 0, "proj_coeff", self.proj_coeff, "a number >= 0")
@@ -134,6 +155,9 @@ class ObjectiveConfig:
         """(block_out_s, block_out_t) with the official per-model defaults for those not given."""
         s, t = default_blocks(model_name)
         return (s if self.block_out_s is None else self.block_out_s, t if self.block_out_t is None else self.block_out_t)
+
+    def erw_lambda_c0(self, model_name: str) -> float:
+        return default_lambda_c0(model_name) if self.lambda_c0 is None else self.lambda_c0
 
     def sra_align_loss(self, model_name: str) -> str:
         return self.align_loss or ("sml1" if model_name.startswith("DiT-") else "cos")
@@ -253,6 +277,17 @@ class TrainConfig:
         except ValueError as e:
             flags = re.findall(r"\b([a-z_]+)=", str(e))
             raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in flags) or '--model'}: {e}") from None
+        if self.objective.method == "erw":
+            _need(bool(self.objective.encoders), "enc_type", self.objective.enc_type,
+                  "an encoder for --method erw (its warmup aligns to it)")
+            _need(self.parallel != "ddp", "parallel", self.parallel,
+                  "fsdp or none for --method erw (its warmup leaves most parameters without gradients, which "
+                  "DDP's reducer does not allow)")
+            try:
+                check_erw(self.objective.l2r_depth, kw["encoder_depth"], kw["depth"], self.objective.warmup_steps,
+                          self.max_train_steps)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.objective.method == "sra":
             try:
                 check_sra(*self.objective.sra_blocks(self.model.model), self.objective.t_max, kw["depth"])

@@ -63,6 +63,9 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     kw = {k: args[k] for k in OVERRIDES if k not in ("attn_backend", "kernels") and args.get(k) is not None}
     if "input_size" not in kw and args.get("resolution"):
         kw["input_size"] = int(args["resolution"]) // 8
+    if args.get("use_rope"):  # ERW's args: its RoPE, with EVA-02's interleaved pairs
+        kw["rope"] = True
+        kw.setdefault("rope_pairs", "interleaved")
     kw.update(overrides)
     sd = normalize_keys(select_weights(ckpt, weights, source=path), kw.get("encoder_depth", 8))
     name = check_family(name, sd, path)

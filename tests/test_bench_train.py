@@ -64,6 +64,16 @@ def test_quick_train_suite_rows(quick):
     assert r["speedup_vs_repa"] == pytest.approx(r["images_per_s"] / rows["eager+fused-adamw"]["images_per_s"])
     assert r["first_loss"] != e["first_loss"]  # another method's loss, not a REPA row relabelled
     assert rows["sra"]["status"] == "skipped" and rows["sra"]["method"] == "sra"
+    # ERW's warmup step: the encoder, blocks 1..l2r-depth (1 of 2 here) and the projector, nothing after
+    r = rows["erw-warmup-eager"]
+    assert r["status"] == "ok" and r["method"] == "erw-warmup" and r["l2r_depth"] == 1
+    from fastrepa.train.flops import encoder_flops
+    proj = sum(2 * 16 * m.in_features * m.out_features for m in model.projectors[0] if isinstance(m, torch.nn.Linear))
+    assert r["flops_per_image"] == 3 * (model.forward_flops(1) + proj) + encoder_flops(
+        [ts.QUICK_ENCODER], ts.QUICK_RESOLUTION, 4)
+    assert r["flops_per_image"] < flops and r["steps_run"] == 1 + r["warmup"] + r["repeats"]
+    assert r["speedup_vs_repa"] == pytest.approx(r["images_per_s"] / rows["eager+fused-adamw"]["images_per_s"])
+    assert rows["erw-warmup"]["status"] == "skipped"
     assert "## suite `train`" in md and "eager+fused-adamw" in md
 
 

@@ -143,7 +143,7 @@ def test_kernels_option_is_validated():
 
 
 def test_rope_pairs_come_back_from_a_checkpoints_args(tmp_path):
-    """A checkpoint whose args say rope_pairs=interleaved (an ERW-style model) samples with that pairing;
+    """A checkpoint whose args say rope_pairs=interleaved, or ERW's use_rope, samples with that pairing;
     an official REPA file (no such key) gets ours; the weights are the same keys either way."""
     from fastrepa.generation import model_from_checkpoint
     from fastrepa.official_ckpt import save_checkpoint_file
@@ -152,13 +152,13 @@ def test_rope_pairs_come_back_from_a_checkpoints_args(tmp_path):
     x = torch.randn(2, 4, 8, 8)
     t, y = torch.rand(2), torch.tensor([1, 2])
     outs = {}
-    for pairs in ("interleaved", None):
-        args = {"model": "SiT-S/2", **{k: v for k, v in TINY.items() if k != "z_dims"}, "rope": True}
-        if pairs:
-            args["rope_pairs"] = pairs
-        save_checkpoint_file(path, {"model": model.state_dict(), "ema": model.state_dict(), "args": args, "steps": 1})
+    base = {"model": "SiT-S/2", **{k: v for k, v in TINY.items() if k != "z_dims"}}
+    for tag, extra, want in (("pairs", {"rope": True, "rope_pairs": "interleaved"}, "interleaved"),
+                             ("erw", {"use_rope": True}, "interleaved"), ("ours", {"rope": True}, "half")):
+        save_checkpoint_file(path, {"model": model.state_dict(), "ema": model.state_dict(), "args": {**base, **extra},
+                                    "steps": 1})
         loaded, _ = model_from_checkpoint(path, overrides={"kernels": "torch"})
-        assert {b.attn.rope_pairs for b in loaded.blocks} == {pairs or "half"}
+        assert {(b.attn.rope_grid, b.attn.rope_pairs) for b in loaded.blocks} == {((4, 4), want)}, tag
         with torch.no_grad():
-            outs[pairs] = loaded(x, t, y)[0]
-    assert not torch.allclose(outs["interleaved"], outs[None])
+            outs[tag] = loaded(x, t, y)[0]
+    assert torch.equal(outs["pairs"], outs["erw"]) and not torch.allclose(outs["pairs"], outs["ours"])

@@ -13,6 +13,7 @@ the same interface, so nothing outside fastrepa/models touches a block's attribu
     model(x, t, y, ...)           (output, projector outputs[, head output]) for training
     model.denoise(x, t, y)        the output alone, what the samplers call
     model.hidden_states(x, t, y, depths)   raw hidden states after the given blocks; later blocks never run
+    model.project_at(x, t, y, depth)       the projectors after block `depth`; later blocks never run (ERW)
     model.fsdp_units()            the modules wrapped one by one (FSDP2, per-unit compile, checkpointing)
     model.forward_flops(depth)    matmul FLOPs of one forward of one sample (up to block `depth`)
 """

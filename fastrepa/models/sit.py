@@ -313,6 +313,18 @@ class SiT(nn.Module):
         found = dict(self.run_blocks(h, c, max(depths), set(depths)))
         return [found[d] for d in depths]
 
+    def project_at(self, x, t, y, depth: int, force_drop_ids=None):
+        """The projectors (one output [N, T, z_dim] per encoder) applied to the hidden state after block
+        `depth` (1-based) instead of --encoder-depth; blocks past `depth` and the final layer are not run
+        (ERW's warmup trains the embedders, these blocks and the projectors alone)."""
+        if not self.projectors:
+            raise ValueError("project_at needs projectors (a model built with z_dims)")
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"project_at depth {depth} is outside 1..{self.depth} (the model depth)")
+        h, c = self.embed(x, t, y, force_drop_ids)  # not via hidden_states: both are FSDP2 forward methods
+        (_, h), = self.run_blocks(h, c, depth, set())
+        return [projector(h) for projector in self.projectors]
+
     def run_blocks(self, h, c, last: int, keep):
         """Run blocks 1..last, yielding (depth, hidden state) at each depth in `keep` and at `last`.
 

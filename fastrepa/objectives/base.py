@@ -13,6 +13,8 @@ A method (REPA, SRA, later ERW, repa-rf, ...) is one `Objective` subclass in its
                                                   `objective.terms` in that order (terms[0] is the denoising
                                                   loss as the official code logs it: the progress bar's "loss")
     objective.state_dict() / load_state_dict()    plain-JSON state the method adds to a checkpoint (a phase)
+    objective.restart_steps                       steps at whose start the trainer begins a fresh optimizer
+                                                  and sets the EMA from the model (ERW's end of warmup)
     objective.train_flops(model)                  FLOPs of one trained sample (MFU)
 
 The denoising part is the backbone's: a `Denoiser` matching `model.prediction` (flow matching for SiT's
@@ -71,6 +73,7 @@ class Objective:
     name = "?"
     terms: tuple[str, ...] = ("loss",)
     uses_teacher = False  # True: the trainer passes the EMA as ctx.teacher (and keeps it like the model)
+    restart_steps: tuple[int, ...] = ()  # a fresh optimizer and EMA = model at the start of these steps
 
     def __init__(self, model, denoiser: Denoiser, *, latents_scale: float = 0.18215, latents_bias: float = 0.0):
         if denoiser.prediction != model.prediction:

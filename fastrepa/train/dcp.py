@@ -315,6 +315,19 @@ def _optim_relaxed(key: str) -> bool:
     return key.startswith("param_groups.") and not key.endswith(".params")
 
 
+def _canonical(name: str) -> str:
+    """A parameter name without the wrappers' prefixes (DDP's module., torch.compile's _orig_mod.)."""
+    return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
+
+
+def _never_stepped(path: str, osd: dict) -> set[str]:
+    """The parameters (names) with no optimizer state at all in the checkpoint `path`: they had no gradient
+    before it was saved (e.g. the blocks ERW's warmup does not run), so they get no state on load either."""
+    saved = {k.split(".", 1)[1] for k in FileSystemReader(path).read_metadata().state_dict_metadata
+             if k.startswith("state.")}
+    return {name for name in osd.get("state", {}) if not any(k.startswith(name + ".") for k in saved)}
+
+
 def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = None,
          optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a complete checkpoint into model / ema / optimizer (any wrapping, any world size); returns
@@ -342,11 +355,22 @@ def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = Non
         set_model_state_dict(module, sd)
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)
-        _check_keys(os.path.join(path, "optim"), osd, "optimizer", relaxed=_optim_relaxed)
+        absent = _never_stepped(os.path.join(path, "optim"), osd)
+        _check_keys(os.path.join(path, "optim"), osd, "optimizer",
+                    relaxed=lambda k: _optim_relaxed(k) or any(k.startswith(f"state.{n}.") for n in absent))
         with _dcp_quiet():
             torch_dcp.load(osd, storage_reader=FileSystemReader(os.path.join(path, "optim")),
-                     planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
+                           planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
+        in_groups = {n for g in osd["param_groups"] for n in g["params"]}  # the saved groups' (just loaded)
+        strays = [n for n in osd["state"] if n in absent and n not in in_groups]  # in parameter order
+        if strays:
+            raise_on_mismatch(f"checkpoint {path}/optim does not match the optimizer",
+                              [f"state.{n}.*" for n in strays], [], [])
         set_optimizer_state_dict(model, optimizer, osd)
+        if absent:  # as in the run that saved it: no state until their first gradient
+            by_name = {_canonical(n): p for n, p in model.named_parameters()}
+            for name in absent:
+                optimizer.state.pop(by_name[name], None)
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
 

@@ -25,3 +25,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     ema_params = [_local(p) for p in ema.parameters()]
     params = [_local(p.detach()) for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def reset_ema(ema: torch.nn.Module, model: torch.nn.Module) -> None:
+    """ema = model, parameter by parameter (the same sharding under FSDP2): a method's restart (ERW)."""
+    with torch.no_grad():
+        torch._foreach_copy_([_local(p) for p in ema.parameters()], [_local(p.detach()) for p in model.parameters()])

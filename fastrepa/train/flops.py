@@ -46,7 +46,8 @@ def counts(cfg) -> dict:
     encs = {e: encoder_dims(e, cfg.data.resolution, grid) for e in cfg.objective.encoders}
     with torch.device("meta"):
         model = build_model(cfg.model.model, **overrides, **method_model_options(cfg, [d for d, _ in encs.values()]))
-    train_flops = build_objective(cfg, model).train_flops(model)
+    objective = build_objective(cfg, model)
+    train_flops = objective.train_flops(model)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fwd = model.forward_flops()
@@ -56,7 +57,9 @@ def counts(cfg) -> dict:
             "sit_forward_gflop_per_image": round(fwd / 1e9, 3),
             "encoder_forward_gflop_per_image": round(enc_flops / 1e9, 3),
             "train_gflop_per_image": round(train_flops / 1e9, 3),
-            "train_gflop_per_step": round(train_flops * cfg.batch_size / 1e9, 3)}
+            "train_gflop_per_step": round(train_flops * cfg.batch_size / 1e9, 3),
+            **({"warmup_train_gflop_per_image": round(objective.warmup_flops(model) / 1e9, 3)}
+               if hasattr(objective, "warmup_flops") else {})}
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched in this order against

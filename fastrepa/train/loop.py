@@ -39,7 +39,7 @@ from fastrepa.kernels import check_impl
 from fastrepa.models import build_model, model_kwargs
 from fastrepa.objectives import StepContext, build_objective, method_model_options
 from fastrepa.train import dcp
-from fastrepa.train.ema import make_ema
+from fastrepa.train.ema import make_ema, reset_ema
 from fastrepa.train.flops import peak_tflops
 from fastrepa.train.parallel import reshard, resolve_mode, wrap
 from fastrepa.train.report import MetricsLog, dry_run, metrics_line, write_report
@@ -196,10 +196,7 @@ class Trainer:
         self.model, self.ema = wrap(model, ema, self.mode, device, bf16=cfg.mixed_precision == "bf16",
                                     compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
                                     compile_ema=self.objective.uses_teacher)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.learning_rate,
-                                     betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                     weight_decay=cfg.optim.adam_weight_decay, eps=cfg.optim.adam_epsilon,
-                                     fused=device.type == "cuda")
+        self.opt = self.new_optimizer()
         self.step_fn = TrainStep(self.model, self.ema, self.opt, self.objective, device=device, world_size=world,
                                  grad_accum=cfg.gradient_accumulation_steps, max_grad_norm=cfg.optim.max_grad_norm,
                                  ema_decay=cfg.optim.ema_decay, mixed_precision=cfg.mixed_precision)
@@ -233,6 +230,20 @@ class Trainer:
         self.bar = None  # the progress bar of fit (rank 0)
         self.built = True
         return self
+
+    def new_optimizer(self) -> torch.optim.AdamW:
+        o = self.cfg.optim
+        return torch.optim.AdamW(self.model.parameters(), lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
+                                 weight_decay=o.adam_weight_decay, eps=o.adam_epsilon,
+                                 fused=self.device.type == "cuda")
+
+    def restart(self) -> None:
+        """A method's restart (objective.restart_steps; ERW's end of warmup): a fresh optimizer, EMA = model."""
+        self.opt = self.step_fn.optimizer = self.new_optimizer()
+        reset_ema(self.ema, self.model)
+        if self.rank0:
+            tqdm.write(f"step {self.step_now}: {self.objective.name} restarts the optimizer and sets the EMA "
+                       f"from the model")
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -296,6 +307,8 @@ class Trainer:
         cfg, s = self.cfg, self.step_now
         batch = {k: t.to(self.device, non_blocking=True) for k, t in batch.items()}
         draws = self.pending.pop(s, None) or self.draw(s)
+        if s in self.objective.restart_steps:
+            self.restart()
 
         def draw_next():
             # The next step's draws (CPU work: ~3 ms for 32 samples at 256px here) are made while the

@@ -51,9 +51,9 @@ def shard(module: torch.nn.Module, mp_policy=None) -> None:
     for block in module.fsdp_units():
         fully_shard(block, **kw)
     fully_shard(module, **kw)
-    # the samplers call .denoise (SiT's .velocity calls it) and a teacher .hidden_states: methods other
+    # the samplers call .denoise (SiT's .velocity calls it), a teacher .hidden_states, ERW .project_at: methods other
     # than forward bypass the root's hooks unless registered
-    for method in ("denoise", "hidden_states"):
+    for method in ("denoise", "hidden_states", "project_at"):
         register_fsdp_forward_method(module, method)
 
 
