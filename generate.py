@@ -42,6 +42,16 @@ def build_parser():
                    help="2D RoPE on q/k (default: the checkpoint's)")
     p.add_argument("--rope-pairs", choices=("half", "interleaved"), default=None,
                    help="RoPE's dim pairing (default: the checkpoint's, else half; interleaved for ERW's)")
+    # ERW's inference.py spellings
+    p.add_argument("--use_rope", "--use-rope", dest="use_rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="ERW's spelling: --rope with ERW's interleaved pairs (default: the checkpoint's)")
+    p.add_argument("--use_swiglu", dest="use_swiglu", action=argparse.BooleanOptionalAction, default=False,
+                   help="ERW's flag; only the off setting exists here (no SwiGLU model is built)")
+    p.add_argument("--wo_shift", dest="wo_shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="ERW's flag; only the off setting exists here (the adaLN shift is always there)")
+    p.add_argument("--calculate-fid", action="store_true",
+                   help="ERW's spelling: score the samples (needs --fid-reference / --ref; scoring happens "
+                        "whenever a reference is given)")
     p.add_argument("--projector-embed-dims", default=None,
                    help="accepted for compatibility; the projector sizes are read from the checkpoint")
     p.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
@@ -164,6 +174,15 @@ def main(argv=None) -> int:
         parser.error(f"--compile-mode {a.compile_mode} needs compiling: drop --no-compile")
     if a.ref_center_crop and not (a.ref and os.path.isdir(a.ref)):
         parser.error("--ref-center-crop: applies to a --ref folder of images only")
+    if a.calculate_fid and a.ref is None:
+        parser.error("--calculate-fid: give the reference with --fid-reference (or --ref)")
+    for flag, on in (("--use_swiglu", a.use_swiglu), ("--wo_shift", a.wo_shift)):
+        if on:
+            parser.error(f"{flag}: ERW's SwiGLU / shift-free variants are not built here; sample without it")
+    if a.use_rope is not None:
+        a.rope = a.use_rope
+        if a.use_rope:
+            a.rope_pairs = a.rope_pairs or "interleaved"
 
     inception = None
     if a.ref is not None:  # check the metric inputs now, not after hours of sampling

@@ -231,3 +231,21 @@ def test_erw_two_processes_equal_one(erw_run):
     one, two = erw_run["full"]["exp_dir"], str(out / "e")
     for key in ("loss", "proj_loss", "proj_coeff", "grad_norm"):
         np.testing.assert_allclose(_rows(two, key), _rows(one, key), rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_generate_takes_erws_inference_flags(erw_run, tmp_path, capsys):
+    ckpt = erw_run["full"]["checkpoint"]
+    for extra, msg in ((["--calculate-fid"], "--calculate-fid: give the reference with --fid-reference"),
+                       (["--use_swiglu"], "--use_swiglu: ERW's SwiGLU"), (["--wo_shift"], "--wo_shift")):
+        with pytest.raises(SystemExit):
+            generate_cli.main(["--ckpt", ckpt, "--sample-dir", str(tmp_path), *extra])
+        assert msg in capsys.readouterr().err
+    # --no-use_rope builds the model without RoPE: other samples from the same weights and seed
+    common = ["--ckpt", ckpt, "--vae", "identity", "--num-fid-samples", "2", "--per-proc-batch-size", "2",
+              "--num-steps", "2"]
+    arrs = []
+    for i, flag in enumerate(["--use_rope", "--no-use_rope"]):
+        assert generate_cli.main([*common, flag, "--sample-dir", str(tmp_path / str(i))]) == 0
+        gen = json.load(open(tmp_path / str(i) / "generate.json"))
+        arrs.append(np.load(gen["samples"])["arr_0"])
+    assert not np.array_equal(arrs[0], arrs[1])

@@ -278,10 +278,10 @@ class Trainer:
         if found is None:
             return None, None
         # the run's identity first (seed, batch, data, method), then the tensors
-        check_resume_matches(dcp.on_rank0(lambda: dcp.read_extra(found.path), f"reading {found.path}"), self.cfg,
-                             len(self.dataset), found.path)
+        meta = dcp.on_rank0(lambda: dcp.read_extra(found.path), f"reading {found.path}")
+        check_resume_matches(meta, self.cfg, len(self.dataset), found.path)
+        self.objective.load_state_dict(meta.get("objective") or {})  # the method's settings, before any tensor
         extra = dcp.load(found.path, model=self.model, ema=self.ema, optimizer=self.opt)
-        self.objective.load_state_dict(extra.get("objective") or {})
         self.step_now = int(extra["step"])
         self.skipped = int(extra.get("nonfinite_skipped", 0))
         if extra.get("grad_scaler"):
