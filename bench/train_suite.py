@@ -76,6 +76,10 @@ VARIANTS = {v.name: v for v in [
     Variant("sra", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="sra",
             repa_twin="compile+triton"),
     Variant("sra-eager", "torch", compiled=False, fused_adamw=True, method="sra", repa_twin="eager+fused-adamw"),
+    # iREPA: REPA with a 3x3 conv projector over the token grid and a token-z-scored target
+    Variant("irepa", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="irepa",
+            repa_twin="compile+triton"),
+    Variant("irepa-eager", "torch", compiled=False, fused_adamw=True, method="irepa", repa_twin="eager+fused-adamw"),
     # ERW's warmup step: blocks 1..l2r-depth and the projector only (the early exit), on the same paths
     Variant("erw-warmup", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="erw-warmup",
             repa_twin="compile+triton"),
@@ -164,7 +168,7 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
     trainer's TrainStep."""
     from fastrepa.encoders import load_encoder
     from fastrepa.models import model_kwargs
-    from fastrepa.objectives import ERW, REPA, SRA, FlowMatching
+    from fastrepa.objectives import ERW, IREPA, REPA, SRA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.parallel import compile_blocks
     from fastrepa.train.step import TrainStep
@@ -176,7 +180,7 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
         torch.manual_seed(1)  # the encoder's random weights, the same in every variant
         encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
                                random_init=True).to(device)
-        options = {"z_dims": [encoder.embed_dim]}
+        options = {"z_dims": [encoder.embed_dim], **({"projector_type": "conv"} if variant.method == "irepa" else {})}
     else:
         options = {"z_dims": [], "ap_head": True}
     model, kw = build(name, {**overrides, **options}, variant.kernels, device)
@@ -184,6 +188,9 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
     ema = make_ema(model)
     if variant.method == "repa":
         objective = REPA(model, FlowMatching(), [encoder], encoder_names=[enc_type], resolution=resolution)
+    elif variant.method == "irepa":
+        objective = IREPA(model, FlowMatching(), [encoder], proj_coeff=1.0, encoder_names=[enc_type],
+                          resolution=resolution)
     elif variant.method == "erw-warmup":  # every timed step inside the warmup
         objective = ERW(model, FlowMatching(), [encoder], warmup_steps=10**9, lambda_c0=1.0,
                         l2r_depth=min(ERW_L2R_DEPTH, max(1, kw["depth"] - 1)), encoder_names=[enc_type],
@@ -266,7 +273,7 @@ def add_metrics(rows, matmul_tflops):
                                     if o and r["variant"] != "official" else None)
         r["speedup_vs_repa"] = r["images_per_s"] / twin["images_per_s"] if twin else None
         # the first loss is comparable within one method (the same weights, inputs and draws)
-        ref = {"repa": e, "sra": ok.get(("sra-eager", r["B"])),
+        ref = {"repa": e, "sra": ok.get(("sra-eager", r["B"])), "irepa": ok.get(("irepa-eager", r["B"])),
                "erw-warmup": ok.get(("erw-warmup-eager", r["B"]))}[r.get("method", "repa")]
         r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
                                        if ref else None)
@@ -342,8 +349,8 @@ def run(args, ctx):
                         "/ step time; MFU % (peak): that / the device's data-sheet dense bf16 peak; % matmul "
                         "probe: that / this run's matmul probe.",
                         "- x eager, x official: img/s over the eager / official (REPA) row of the same B; x REPA "
-                        "(SRA and ERW rows): img/s over the REPA row of the same path (sra, erw-warmup: "
-                        "compile+triton; sra-eager, erw-warmup-eager: eager+fused-adamw) and B. erw-warmup: "
+                        "(SRA, iREPA and ERW rows): img/s over the REPA row of the same path (sra, irepa, "
+                        "erw-warmup: compile+triton; the -eager ones: eager+fused-adamw) and B. erw-warmup: "
                         "ERW's warmup step (clean latents at t = 0, blocks 1..4, the projector, the alignment "
                         "loss; the later blocks never run), FLOPs counted for those blocks."]},
     }

@@ -17,7 +17,9 @@ from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
 from fastrepa.models import MODEL_NAMES, model_kwargs
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
+from fastrepa.models import PROJECTOR_TYPES
 from fastrepa.objectives.erw import HALF_LIFE, check_erw, default_lambda_c0
+from fastrepa.objectives.irepa import SPNORM_METHODS
 from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -63,6 +65,10 @@ class ModelConfig:
     rope_pairs: str | None = flag(None, "which dims RoPE rotates together: half (ours: i and i + head_dim/4 "
                                         "in each half; the default) or interleaved (2i and 2i + 1: EVA-02's, as "
                                         "ERW's checkpoints use; the default with --use_rope)", choices=ROPE_PAIRS)
+    projection_layer_type: str | None = flag(None, "the alignment projector: mlp (REPA's) or conv (iREPA's "
+                                                   "convolution over the token grid; the default for --method "
+                                                   "irepa)", choices=PROJECTOR_TYPES)
+    proj_kwargs_kernel_size: int = flag(3, "kernel size of the conv projector (odd; iREPA's README: 3)")
     use_rope: bool = flag(False, "ERW's spelling of --rope: the 2D RoPE with ERW's (EVA-02's) interleaved pairs",
                           aliases=("--use_rope",))
     # Size overrides (official SiT constructor names); None keeps the registry value.
@@ -94,14 +100,16 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type), sra "
-                               "(self-alignment to the EMA model, no encoder) or erw (a warmup of the first "
-                               "blocks on the encoder's features, then REPA with a decaying weight)",
+    method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type), irepa (REPA "
+                               "with a conv projector and a token-z-scored target), sra (self-alignment to the "
+                               "EMA model, no encoder) or erw (a warmup of the first blocks on the encoder's "
+                               "features, then REPA with a decaying weight)",
                        choices=tuple(METHODS))
     path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
     prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
     weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
-    proj_coeff: float = flag(0.5, "weight of the alignment (projection) loss")
+    proj_coeff: float | None = flag(None, "weight of the alignment (projection) loss (default 0.5; 1.0 for "
+                                          "--method irepa, as iREPA)")
     enc_type: str = flag("dinov2-vit-b", "representation encoder(s), comma-separated; 'none' trains plain SiT")
     enc_path: str = flag("", "the encoders' weight files, comma-separated in --enc-type order (an empty entry: "
                              "the default places, the torch hub cache or ckpts/ as official REPA names them)")
@@ -120,6 +128,11 @@ class ObjectiveConfig:
                                          "cosine_similarity(dim=1) on [N, T, D]) or per token over the features",
                                choices=COS_AXES)
 
+    # iREPA (official iREPA flag names)
+    spnorm_method: str | None = flag(None, "iREPA: the encoder target's normalisation over tokens before the "
+                                           "cosine: zscore (the default for --method irepa) or none",
+                                     choices=SPNORM_METHODS)
+    zscore_alpha: float = flag(0.6, "iREPA: z = (z - alpha * mean_tokens(z)) / std_tokens(z); official 0.6")
     # ERW (official ERW flag names)
     warmup_steps: int = flag(100000, "ERW: warmup steps (phase 1), counted in --max-train-steps as ERW does")
     l2r_depth: int = flag(4, "ERW: the blocks (1..N) trained in the warmup; the projector follows block N there")
@@ -135,7 +148,14 @@ class ObjectiveConfig:
         _need(self.lambda_half_life > 0, "lambda_half_life", self.lambda_half_life, "a number of steps > 0")
         _need(self.prediction in PREDICTIONS, "prediction", self.prediction, f"one of {PREDICTIONS}")
         _need(self.weighting in WEIGHTINGS, "weighting", self.weighting, f"one of {WEIGHTINGS}")
+        if self.proj_coeff is None:
+            self.proj_coeff = 1.0 if self.method == "irepa" else 0.5
         _need(self.proj_coeff >= 0, "proj_coeff", self.proj_coeff, "a number >= 0")
+        if self.spnorm_method is None:
+            self.spnorm_method = "zscore" if self.method == "irepa" else "none"
+        _need(self.spnorm_method in SPNORM_METHODS, "spnorm_method", self.spnorm_method, f"one of {SPNORM_METHODS}")
+        _need(self.spnorm_method == "none" or self.method == "irepa", "spnorm_method", self.spnorm_method,
+              "none unless --method irepa (the z-scored target is iREPA's)")
         _need(bool(self.enc_type.strip()), "enc_type", self.enc_type, "an encoder name or 'none'")
         _need(not self.enc_path or len(self.enc_path.split(",")) == len(self.encoders), "enc_path", self.enc_path,
               f"one weight file per --enc-type encoder ({len(self.encoders)}: {self.enc_type}), comma-separated")
@@ -299,6 +319,8 @@ class TrainConfig:
         m = self.model
         kw = dict(num_classes=m.num_classes, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
                   qk_norm=m.qk_norm, attn_backend=m.backend(), kernels=m.kernels, rope=m.rope, rope_pairs=m.rope_pairs,
+                  projector_type=m.projection_layer_type or ("conv" if self.objective.method == "irepa" else "mlp"),
+                  projector_kernel=m.proj_kwargs_kernel_size,
                   input_size=m.input_size if m.input_size is not None else self.data.resolution // 8)
         for name in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob"):
             if getattr(m, name) is not None:

@@ -38,16 +38,19 @@ MODES_OF = {"velocity": ("ode", "sde"), "epsilon": ("ddpm",)}  # model.predictio
 STREAM_INIT, STREAM_SDE = 0, 2
 
 
-def projector_dims(state_dict: dict) -> tuple[list[int], int | None]:
-    """(z_dims, projector_dim) read off the `projectors.K.*` weights, so no --projector-embed-dims is needed."""
-    outs, hidden = {}, None
+def projector_options(state_dict: dict) -> dict:
+    """The projector model options read off the `projectors.K.*` weights, so no --projector-embed-dims is
+    needed: z_dims, and projector_dim (REPA's MLP) or projector_type conv with its kernel (iREPA's)."""
+    outs, opts = {}, {}
     for k, v in state_dict.items():
-        m = re.fullmatch(r"projectors\.(\d+)\.4\.weight", k)
+        m = re.fullmatch(r"projectors\.(\d+)\.(4|projection_layer)\.weight", k)
         if m:
             outs[int(m.group(1))] = v.shape[0]
+            if m.group(2) == "projection_layer":
+                opts.update(projector_type="conv", projector_kernel=v.shape[-1])
         if re.fullmatch(r"projectors\.\d+\.0\.weight", k):
-            hidden = v.shape[0]
-    return [outs[i] for i in sorted(outs)], hidden
+            opts["projector_dim"] = v.shape[0]
+    return {"z_dims": [outs[i] for i in sorted(outs)], **opts}
 
 
 def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | None = None, ckpt: dict | None = None):
@@ -69,10 +72,7 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     kw.update(overrides)
     sd = normalize_keys(select_weights(ckpt, weights, source=path), kw.get("encoder_depth", 8))
     name = check_family(name, sd, path)
-    z_dims, hidden = projector_dims(sd)
-    kw["z_dims"] = z_dims
-    if hidden is not None:
-        kw["projector_dim"] = hidden
+    kw.update(projector_options(sd))
     kw["ap_head"] = any(k.startswith("ap_head.") for k in sd)  # an SRA checkpoint's training-only head
     model = build_model(name, **kw)
     load_weights(model, sd, source=f"{path} [{weights}]")

@@ -74,6 +74,14 @@ def test_quick_train_suite_rows(quick):
     assert r["flops_per_image"] < flops and r["steps_run"] == 1 + r["warmup"] + r["repeats"]
     assert r["speedup_vs_repa"] == pytest.approx(r["images_per_s"] / rows["eager+fused-adamw"]["images_per_s"])
     assert rows["erw-warmup"]["status"] == "skipped"
+    # iREPA: REPA's FLOPs with a 3x3 conv projector instead of the MLP
+    r = rows["irepa-eager"]
+    with torch.device("meta"):
+        conv_model = build_model("SiT-S/2", z_dims=[encoder_dims(ts.QUICK_ENCODER, ts.QUICK_RESOLUTION, 4)[0]],
+                                 projector_type="conv", **ts.QUICK_OVERRIDES)
+    assert r["status"] == "ok" and r["method"] == "irepa"
+    assert r["flops_per_image"] == train_flops_per_image(conv_model, [ts.QUICK_ENCODER], ts.QUICK_RESOLUTION)
+    assert r["flops_per_image"] != flops and r["first_loss"] != e["first_loss"]
     assert "## suite `train`" in md and "eager+fused-adamw" in md
 
 

@@ -36,11 +36,12 @@ FAMILIES = {
     "SiT": (SiT, dict(z_dims=[768])),
     "DiT": (DiT, dict(z_dims=[])),
 }
+PROJECTOR_TYPES = ("mlp", "conv")  # REPA's MLP, iREPA's convolution over the token grid
 MODEL_NAMES = tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in PATCHES)
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
-             "attn_backend", "kernels", "rope", "rope_pairs", "ap_head")
+             "attn_backend", "kernels", "rope", "rope_pairs", "ap_head", "projector_type", "projector_kernel")
 
 
 def family_of(name: str) -> str:
@@ -61,7 +62,7 @@ def model_kwargs(name: str, **overrides) -> dict:
     kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
               num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
               projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False, rope_pairs="half",
-              ap_head=False,
+              ap_head=False, projector_type="mlp", projector_kernel=3,
               **FAMILIES[family][1])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["z_dims"] = [int(z) for z in kw["z_dims"]]
@@ -90,6 +91,10 @@ def validate_model_kwargs(kw: dict) -> None:
              f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} (the model depth)")
     need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
     need(kw["kernels"] in IMPLS, f"kernels={kw['kernels']!r} is not one of {IMPLS}")
+    need(kw["projector_type"] in PROJECTOR_TYPES,
+         f"projector_type={kw['projector_type']!r} is not one of {PROJECTOR_TYPES}")
+    need(int(kw["projector_kernel"]) >= 1 and int(kw["projector_kernel"]) % 2 == 1,
+         f"projector_kernel={kw['projector_kernel']} must be an odd kernel size (the grid keeps its size)")
     need(kw["rope_pairs"] in ROPE_PAIRS, f"rope_pairs={kw['rope_pairs']!r} is not one of {ROPE_PAIRS}")
     if kw["rope"]:
         head_dim = kw["hidden_size"] // kw["num_heads"]
@@ -115,5 +120,5 @@ def build_model(name: str, **overrides) -> SiT:
     return FAMILIES[family_of(name)][0](**model_kwargs(name, **overrides))
 
 
-__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "SIZES", "DiT", "SiT", "build_model", "family_of",
+__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "PROJECTOR_TYPES", "SIZES", "DiT", "SiT", "build_model", "family_of",
            "model_kwargs", "unwrap"]

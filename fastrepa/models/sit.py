@@ -118,6 +118,29 @@ class Projector(nn.Sequential):
         return K.projector(x, self[0].weight, self[0].bias, self[2].weight, self[2].bias,
                            self[4].weight, self[4].bias, impl=self.kernels)
 
+    def macs_per_token(self) -> int:
+        return sum(m.in_features * m.out_features for m in self if isinstance(m, nn.Linear))
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one Conv2d(hidden, z_dim, k, padding k // 2) over the token grid (row-major
+    [T] <-> [grid, grid]), key `projection_layer` as official iREPA names it; PyTorch's default Conv2d init
+    (official iREPA's init touches Linear layers only)."""
+
+    def __init__(self, hidden_size: int, z_dim: int, kernel_size: int, grid: int):
+        super().__init__()
+        self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+        self.grid = grid
+
+    def forward(self, x):
+        n, t, d = x.shape
+        y = self.projection_layer(x.reshape(n, self.grid, self.grid, d).permute(0, 3, 1, 2))
+        return y.flatten(2).transpose(1, 2)
+
+    def macs_per_token(self) -> int:
+        w = self.projection_layer.weight
+        return w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3]
+
 
 class APHead(nn.Module):
     """SRA's alignment head on the student's hidden state (official `SimpleHead`, keys `ap_head.linear1/2`):
@@ -146,7 +169,8 @@ class SiT(nn.Module):
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, z_dims=(768,), encoder_depth: int = 8, projector_dim: int = 2048,
                  qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False,
-                 ap_head: bool = False, rope_pairs: str = "half"):
+                 ap_head: bool = False, rope_pairs: str = "half", projector_type: str = "mlp",
+                 projector_kernel: int = 3):
         super().__init__()
         self.kernels = kernels
         self.in_channels = in_channels
@@ -167,7 +191,9 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend, kernels,
                       rope_grid=(grid, grid) if rope else None, rope_pairs=rope_pairs) for _ in range(depth)])
-        self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z, kernels) for z in self.z_dims])
+        self.projectors = nn.ModuleList([Projector(hidden_size, projector_dim, z, kernels) if projector_type == "mlp"
+                                         else ConvProjector(hidden_size, z, projector_kernel, grid)
+                                         for z in self.z_dims])
         if ap_head:
             self.ap_head = APHead(hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels)
@@ -240,8 +266,7 @@ class SiT(nn.Module):
             macs += 2 * t * t * d  # q k^T and attn @ v
         if depth is None:
             macs += d * 2 * d + t * d * self.final_layer.linear.out_features
-            for proj in self.projectors:
-                macs += t * sum(m.in_features * m.out_features for m in proj if isinstance(m, nn.Linear))
+            macs += t * sum(proj.macs_per_token() for proj in self.projectors)
         return 2 * macs
 
     def head_flops(self) -> int:

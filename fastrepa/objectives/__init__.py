@@ -1,5 +1,5 @@
 """Training objectives: the method seam (fastrepa.objectives.base), the denoisers (flow matching for SiT,
-DDPM for DiT) and the methods (REPA, SRA, ERW), plus the interpolants and time samplers they share.
+DDPM for DiT) and the methods (REPA, iREPA, SRA, ERW), plus the interpolants and time samplers they share.
 
     objective = build_objective(cfg, model, encoders)      # --method, with the backbone's denoiser
 """
@@ -20,10 +20,11 @@ from fastrepa.objectives.interpolants import (
     score_from_velocity,
 )
 from fastrepa.objectives.erw import ERW
+from fastrepa.objectives.irepa import IREPA
 from fastrepa.objectives.repa import REPA, label_dropout_prob, repa_loss, total_loss
 from fastrepa.objectives.sra import SRA
 
-METHODS = {"repa": REPA, "sra": SRA, "erw": ERW}
+METHODS = {"repa": REPA, "irepa": IREPA, "sra": SRA, "erw": ERW}
 
 
 def build_denoiser(model, objective_cfg) -> Denoiser:
@@ -54,6 +55,9 @@ def build_objective(cfg, model, encoders=()) -> Objective:
     if o.method == "repa":
         return REPA(model, denoiser, encoders, proj_coeff=o.proj_coeff, encoder_names=o.encoders,
                     resolution=d.resolution, **common)
+    if o.method == "irepa":
+        return IREPA(model, denoiser, encoders, proj_coeff=o.proj_coeff, spnorm=o.spnorm_method,
+                     zscore_alpha=o.zscore_alpha, encoder_names=o.encoders, resolution=d.resolution, **common)
     if o.method == "erw":
         return ERW(model, denoiser, encoders, warmup_steps=o.warmup_steps, l2r_depth=o.l2r_depth,
                    lambda_c0=o.erw_lambda_c0(cfg.model.model), half_life=o.lambda_half_life,
@@ -67,7 +71,7 @@ def build_objective(cfg, model, encoders=()) -> Objective:
 
 
 __all__ = [
-    "ERW", "METHODS", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
+    "ERW", "IREPA", "METHODS", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
     "StepContext", "build_denoiser", "build_objective", "check_path_type", "check_prediction", "check_weighting",
     "interpolant", "label_dropout_prob", "method_model_options", "repa_loss", "sample_time",
     "score_coefficients", "score_from_velocity", "total_loss",

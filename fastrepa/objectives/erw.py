@@ -112,8 +112,7 @@ class ERW(REPA):
     def warmup_flops(self, model) -> float:
         """FLOPs of one trained sample in the warmup (train_flops, REPA's, is the phase-2 figure)."""
         from fastrepa.train.flops import encoder_flops
-        proj = sum(2 * model.token_grid[0] * model.token_grid[1] * m.in_features * m.out_features
-                   for p in model.projectors for m in p if isinstance(m, torch.nn.Linear))
+        proj = 2 * model.token_grid[0] * model.token_grid[1] * sum(p.macs_per_token() for p in model.projectors)
         return (3 * (model.forward_flops(self.l2r_depth) + proj)
                 + encoder_flops(self.encoder_names, self.resolution, model.token_grid[0]))
 
