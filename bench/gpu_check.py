@@ -22,7 +22,8 @@ Steps (GPU run; `--list` prints them with their budgets):
   train-b64-core   train suite, SiT-XL/2 + DINOv2-B, B=64: official (fp16 + GradScaler, unfused AdamW) and
                    compile+triton: the ratio the 2x target is about; sra (SRA on the compile+triton path,
                    blocks 8/20): what the EMA teacher's forward costs over REPA
-  train-b64-rest   the same B=64: eager+fused-adamw, compile
+  train-b64-rest   the same B=64: eager+fused-adamw; irepa (iREPA's conv projector, compile+triton); erw-warmup
+                   (ERW's warmup step: blocks 1..4 and the projector, the later blocks never run)
   train-b32        the same at B=32: all four REPA variants and sra
   kernels          kernel suite, SiT-XL/2 shapes, B=32 and 128, bf16, fwd+bwd: Triton vs eager vs compile
   sample           sample suite, SiT-XL/2, REPA protocol (SDE 250 steps, CFG 1.8 on [0, 0.7]), B=256:
@@ -86,10 +87,11 @@ OPTIONAL = {  # import name -> (package, what its absence means here)
 KERNEL_OPS = ["gated_residual_layernorm_modulate", "layernorm_modulate", "qk_norm_rope", "alignment_loss", "projector"]
 TRAIN_VARIANTS = {  # step -> (batch size, variants) on CUDA
     "train-b64-core": (64, ["official", "compile+triton", "sra"]),
-    "train-b64-rest": (64, ["eager+fused-adamw", "compile"]),
+    "train-b64-rest": (64, ["eager+fused-adamw", "irepa", "erw-warmup"]),
     "train-b32": (32, ["official", "eager+fused-adamw", "compile", "compile+triton", "sra"]),
 }
 SAMPLE_VARIANTS = ["compile", "cuda-graphs"]
+METHOD_TWINS = ("sra-eager", "irepa-eager", "erw-warmup-eager")  # bench/train_suite.py's CPU stand-ins
 SYNC_TEST = "tests/test_train.py::test_a_cuda_step_syncs_the_host_once"
 TARGETS = {"train_x_official": 2.0, "kernel_x_eager": 3.0, "kernel_x_compile": 1.2, "kernel_pct_roofline": 80.0,
            "kernel_min_batch": 32}
@@ -555,8 +557,10 @@ def train_args(name, dry):
         return ["--model", "SiT-XL/2", "--enc-type", "dinov2-vit-b", "--batch-sizes", str(B), "--dtype", "bf16",
                 "--repeats", "10", "--variants", ",".join(variants)], None
     dropped = [v for v in variants if v == "compile"]
-    # SRA's rows run on the eager path on the CPU (sra is compile+triton, CUDA only), so its plumbing is checked
-    kept = [v for v in variants if v not in dropped] + (["sra-eager"] if "sra" in variants else []) or ["eager"]
+    # the methods' rows (sra, irepa, erw-warmup: compile+triton, CUDA only) run on their eager twins on the
+    # CPU, so their plumbing is checked
+    twins = [f"{v}-eager" for v in variants if f"{v}-eager" in METHOD_TWINS]
+    kept = [v for v in variants if v not in dropped] + twins or ["eager"]
     return ["--quick", "--batch-sizes", "2", "--variants", ",".join(kept)], (
         "--quick (a tiny SiT, patch-pixels encoder), B=2, fp32 on the CPU"
         + (f"; left out: {', '.join(dropped)} (a CPU torch.compile takes minutes)" if dropped else ""))
@@ -682,10 +686,10 @@ STEPS = [  # name, title, budget on CUDA (s), function
     ("setup", "offline install, versions, optional packages", 25, step_setup),
     ("kernel-tests", "kernel tests compiled on CUDA (tests/test_kernel_*.py)", 55, step_kernel_tests),
     ("train-b64-core", "train suite B=64: official, compile+triton, sra", 95, step_train),
-    ("train-b64-rest", "train suite B=64: eager+fused-adamw, compile", 60, step_train),
-    ("train-b32", "train suite B=32: all four REPA variants and sra", 80, step_train),
-    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 50, step_kernels),
-    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 70, step_sample),
+    ("train-b64-rest", "train suite B=64: eager+fused-adamw, irepa, erw-warmup", 85, step_train),
+    ("train-b32", "train suite B=32: all four REPA variants and sra", 65, step_train),
+    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 45, step_kernels),
+    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 65, step_sample),
     ("torchrun", "torchrun train.py: FSDP2 + compile + bf16, DCP save, auto-resume", 45, step_torchrun),
     ("sync-test", "host syncs of a CUDA step (tests/test_train.py)", 20, step_sync_test),
 ]
@@ -821,7 +825,8 @@ def train_section(record):
         same = [o for o in rows if o["variant"] == "official" and o["status"] == "ok" and o["B"] == r["B"]]
         return next((o for o in same if o["_step"] == r["_step"]), same[0] if same else None)
 
-    order = ["official", "eager", "eager+fused-adamw", "compile", "compile+triton", "sra-eager", "sra"]
+    order = ["official", "eager", "eager+fused-adamw", "compile", "compile+triton", "sra-eager", "sra",
+             "irepa-eager", "irepa", "erw-warmup-eager", "erw-warmup"]
     out_rows = []
     for r in sorted(rows, key=lambda r: (-r["B"], order.index(r["variant"]) if r["variant"] in order else 9)):
         o = official(r)

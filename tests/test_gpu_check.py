@@ -73,8 +73,11 @@ def test_bench_steps_hold_the_suites_rows(dry):
     assert core["official"]["status"] == "ok" and core["official"]["step_ms"] > 0
     assert core["compile+triton"]["status"] == "skipped" and "needs CUDA" in core["compile+triton"]["reason"]
     assert core["sra-eager"]["status"] == "ok" and core["sra"]["status"] == "skipped"  # SRA's plumbing ran
-    assert "compile" in steps["train-b64-rest"]["dry_run_changes"]  # left out on the CPU, and it says so
+    rest = {r["variant"]: r for r in steps["train-b64-rest"]["bench"]["rows"]}
+    assert {v: r["status"] for v, r in rest.items() if v != "eager+fused-adamw"} == {  # iREPA's and ERW's plumbing
+        "irepa": "skipped", "irepa-eager": "ok", "erw-warmup": "skipped", "erw-warmup-eager": "ok"}
     b32 = {r["variant"]: r for r in steps["train-b32"]["bench"]["rows"]}
+    assert "compile" in steps["train-b32"]["dry_run_changes"]  # left out on the CPU, and it says so
     assert b32["eager+fused-adamw"]["speedup_vs_official"] == pytest.approx(
         b32["eager+fused-adamw"]["images_per_s"] / b32["official"]["images_per_s"])
     kern = steps["kernels"]["bench"]
@@ -125,8 +128,10 @@ def test_the_gpu_plan_is_valid_for_the_bench_and_fits_the_time():
         assert args.model == train_suite.CUDA_MODEL and args.enc_type == train_suite.CUDA_ENCODER
     all_b = sorted({b for b, _ in gc.TRAIN_VARIANTS.values()})
     assert all_b == train_suite.CUDA_BATCH_SIZES
-    # every variant but the CPU stand-ins (eager; sra-eager, which the dry run runs in sra's place)
-    assert {v for _, vs in gc.TRAIN_VARIANTS.values() for v in vs} == set(train_suite.VARIANTS) - {"eager", "sra-eager"}
+    # every variant but the CPU stand-ins (eager; the methods' -eager twins, which the dry run runs instead)
+    assert set(gc.METHOD_TWINS) == {v for v in train_suite.VARIANTS if v.endswith("-eager") and v != "eager"}
+    assert {v for _, vs in gc.TRAIN_VARIANTS.values() for v in vs} == set(train_suite.VARIANTS) - {"eager",
+                                                                                                  *gc.METHOD_TWINS}
     args = parser.parse_args(["--suite", "kernels", *gc.kernels_args(dry=False)[0]])
     names, (shapes, modes, impls) = kernels_suite.check_args(args)
     assert set(names) == set(kernels_suite.OPS) and shapes == ["SiT-XL/2"] and modes == ["fwd+bwd"]
