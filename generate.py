@@ -179,10 +179,8 @@ def main(argv=None) -> int:
     for flag, on in (("--use_swiglu", a.use_swiglu), ("--wo_shift", a.wo_shift)):
         if on:
             parser.error(f"{flag}: ERW's SwiGLU / shift-free variants are not built here; sample without it")
-    if a.use_rope is not None:
-        a.rope = a.use_rope
-        if a.use_rope:
-            a.rope_pairs = a.rope_pairs or "interleaved"
+    from fastrepa.models import erw_rope
+    a.rope, a.rope_pairs = erw_rope(a.rope, a.rope_pairs, a.use_rope)
 
     inception = None
     if a.ref is not None:  # check the metric inputs now, not after hours of sampling

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field, fields
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
-from fastrepa.models import MODEL_NAMES, model_kwargs
+from fastrepa.models import MODEL_NAMES, PROJECTOR_TYPES, erw_rope, model_kwargs
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
-from fastrepa.models import PROJECTOR_TYPES
 from fastrepa.objectives.erw import HALF_LIFE, check_erw, default_lambda_c0
 from fastrepa.objectives.irepa import SPNORM_METHODS
 from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
@@ -87,10 +86,8 @@ class ModelConfig:
         _need(self.kernels in IMPLS, "kernels", self.kernels, f"one of {IMPLS}")
         _need(self.rope_pairs is None or self.rope_pairs in ROPE_PAIRS, "rope_pairs", self.rope_pairs,
               f"one of {ROPE_PAIRS}")
-        if self.use_rope:  # ERW's spelling: the RoPE, with ERW's pairs unless --rope-pairs says otherwise
-            self.rope = True
-            self.rope_pairs = self.rope_pairs or "interleaved"
-        self.rope_pairs = self.rope_pairs or "half"
+        self.rope, pairs = erw_rope(self.rope, self.rope_pairs, self.use_rope or None)
+        self.rope_pairs = pairs or "half"
 
     def backend(self) -> str:
         if self.attn_backend != "sdpa":

@@ -27,7 +27,7 @@ from PIL import Image
 
 from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
 from fastrepa.io import atomic_open
-from fastrepa.models import OVERRIDES, build_model, family_of
+from fastrepa.models import OVERRIDES, build_model, erw_rope, family_of
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 from fastrepa.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
@@ -67,8 +67,7 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     if "input_size" not in kw and args.get("resolution"):
         kw["input_size"] = int(args["resolution"]) // 8
     if args.get("use_rope"):  # ERW's args: its RoPE, with EVA-02's interleaved pairs
-        kw["rope"] = True
-        kw.setdefault("rope_pairs", "interleaved")
+        kw["rope"], kw["rope_pairs"] = erw_rope(kw.get("rope"), kw.get("rope_pairs"), True)
     kw.update(overrides)
     sd = normalize_keys(select_weights(ckpt, weights, source=path), kw.get("encoder_depth", 8))
     name = check_family(name, sd, path)

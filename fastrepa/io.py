@@ -47,7 +47,7 @@ def _fsync_file(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path, makedirs: bool = True):
+def atomic_path(path, makedirs: bool = True, _synced: bool = False):
     """Yield a temporary path beside `path` for a writer that takes a file name (torch.save,
     safetensors, tarfile); when the block ends without an error the file is fsynced and published at
     `path`. The writer must not change the name (np.savez appends .npz: give it a file object)."""
@@ -60,7 +60,8 @@ def atomic_path(path, makedirs: bool = True):
         yield tmp
         if not os.path.exists(tmp):
             raise FileNotFoundError(f"{path}: the writer did not create its temporary file {tmp}")
-        _fsync_file(tmp)
+        if not _synced:  # atomic_open fsyncs through its own file object
+            _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -73,7 +74,7 @@ def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", makedirs:
     """open() for writing ("w" text or "wb" binary) that publishes `path` atomically on success."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open({path!r}): mode must be 'w' or 'wb', got {mode!r}")
-    with atomic_path(path, makedirs=makedirs) as tmp:
+    with atomic_path(path, makedirs=makedirs, _synced=True) as tmp:
         xmode = "x" if mode == "w" else "xb"
         with open(tmp, xmode, encoding=encoding if mode == "w" else None) as f:
             yield f

@@ -28,13 +28,9 @@ class SimulatedCrash(RuntimeError):
     """A crash injected into the middle of a checkpoint save."""
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _on(rank: int | None) -> bool:
-    return rank is None or rank == _rank()
+    from fastrepa.distributed import rank as this_rank
+    return rank is None or rank == this_rank()
 
 
 def nan_loss_at(patch, step: int, rank: int | None = None) -> None:

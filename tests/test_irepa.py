@@ -16,7 +16,7 @@ from fastrepa.config import ConfigError, from_flat
 from fastrepa.objectives import IREPA, FlowMatching, StepContext
 from fastrepa.objectives.irepa import spatial_zscore
 from fastrepa.train import train
-from test_train import TINY_RUN, data16  # noqa: F401 (data16 is a fixture)
+from test_train import TINY_RUN, assert_same_run, data16  # noqa: F401 (data16 is a fixture)
 
 IREPA_RUN = dict(TINY_RUN, method="irepa")
 
@@ -105,18 +105,11 @@ def irepa_run(tmp_path_factory, data16):  # noqa: F811
 
 
 def test_irepa_resumes_exactly(irepa_run, tmp_path):
-    from fastrepa.official_ckpt import load_checkpoint_file
     half = dict(IREPA_RUN, data_dir=irepa_run["data"], output_dir=str(tmp_path), exp_name="i")
     train(from_flat({**half, "max_train_steps": 3}))
     resumed = train(from_flat(half))
     assert resumed["resumed_from"] == 3 and resumed["method"] == "irepa"
-    for key in ("loss", "proj_loss"):
-        rows = [[json.loads(line)[key] for line in open(os.path.join(r["exp_dir"], "metrics.jsonl"))]
-                for r in (irepa_run["full"], resumed)]
-        assert rows[0] == rows[1] and len(rows[0]) == 6
-    a, b = load_checkpoint_file(irepa_run["full"]["checkpoint"]), load_checkpoint_file(resumed["checkpoint"])
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    a = assert_same_run(irepa_run["full"], resumed, ("loss", "proj_loss"))
     assert "projectors.0.projection_layer.weight" in a["model"]
 
 

@@ -19,7 +19,7 @@ from fastrepa.objectives.ddpm import DDPM
 from fastrepa.objectives.sra import sml1_weight
 from fastrepa.train import train
 from fastrepa.train.ema import make_ema
-from test_train import TINY_RUN, data16, losses  # noqa: F401 (data16 is a fixture)
+from test_train import TINY_RUN, assert_same_run, data16, losses  # noqa: F401 (data16 is a fixture)
 
 SRA_RUN = dict(TINY_RUN, method="sra", depth=4, block_out_s=1, block_out_t=3)
 
@@ -191,19 +191,11 @@ def sra_run(tmp_path_factory, data16):  # noqa: F811
 
 
 def test_sra_resumes_exactly(sra_run, tmp_path):
-    from fastrepa.official_ckpt import load_checkpoint_file
     half = dict(SRA_RUN, data_dir=sra_run["data"], output_dir=str(tmp_path), exp_name="s")
     train(from_flat({**half, "max_train_steps": 3}))
     resumed = train(from_flat(half))
     assert resumed["resumed_from"] == 3 and resumed["method"] == "sra"
-    full = sra_run["full"]
-    for key in ("loss", "align_loss"):
-        rows = [[json.loads(line)[key] for line in open(os.path.join(r["exp_dir"], "metrics.jsonl"))]
-                for r in (full, resumed)]
-        assert rows[0] == rows[1] and len(rows[0]) == 6
-    a, b = load_checkpoint_file(full["checkpoint"]), load_checkpoint_file(resumed["checkpoint"])
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    a = assert_same_run(sra_run["full"], resumed, ("loss", "align_loss"))
     assert any(k.startswith("ap_head.") for k in a["model"]) and not any(k.startswith("projectors") for k in a["model"])
     # another method cannot resume this run
     with pytest.raises(ValueError, match="--method = sra"):

@@ -34,6 +34,19 @@ def losses(exp_dir):
         return [json.loads(line)["loss"] for line in f]
 
 
+def assert_same_run(full: dict, resumed: dict, terms, steps: int = 6) -> dict:
+    """Two train() reports of the same run (one uninterrupted, one resumed): every metrics row of `terms`
+    and the final model and EMA weights equal bit for bit. Returns the full run's final checkpoint."""
+    for key in terms:
+        rows = [[json.loads(line)[key] for line in open(os.path.join(r["exp_dir"], "metrics.jsonl"))]
+                for r in (full, resumed)]
+        assert rows[0] == rows[1] and len(rows[0]) == steps, key
+    a, b = load_checkpoint_file(full["checkpoint"]), load_checkpoint_file(resumed["checkpoint"])
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    return a
+
+
 def test_demo_run_reduces_loss_and_writes_outputs(tmp_path, data16):
     report = train(cfg(tmp_path, data16, max_train_steps=60, log_every=10, checkpointing_steps=60,
                        sampling_steps=60))

@@ -44,6 +44,14 @@ OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", 
              "attn_backend", "kernels", "rope", "rope_pairs", "ap_head", "projector_type", "projector_kernel")
 
 
+def erw_rope(rope, rope_pairs, use_rope):
+    """(rope, rope_pairs) with ERW's `use_rope` applied: True is the RoPE with EVA-02's interleaved pairs
+    unless `rope_pairs` names others, False no RoPE, None leaves both as they are."""
+    if use_rope is None:
+        return rope, rope_pairs
+    return bool(use_rope), (rope_pairs or "interleaved") if use_rope else rope_pairs
+
+
 def family_of(name: str) -> str:
     """The family prefix of a registry name ("SiT-XL/2" -> "SiT"); unknown names fail naming the known ones."""
     if name not in MODEL_NAMES:
@@ -120,5 +128,6 @@ def build_model(name: str, **overrides) -> SiT:
     return FAMILIES[family_of(name)][0](**model_kwargs(name, **overrides))
 
 
-__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "PROJECTOR_TYPES", "SIZES", "DiT", "SiT", "build_model", "family_of",
+__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "PROJECTOR_TYPES", "SIZES", "DiT", "SiT", "build_model", "erw_rope",
+           "family_of",
            "model_kwargs", "unwrap"]

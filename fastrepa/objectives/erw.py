@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrepa.objectives.repa import REPA, projection_loss, total_loss
+from fastrepa.objectives.repa import REPA, projection_loss
 
 WARMUP_COEFF = 0.5  # ERW's weight of the alignment loss during the warmup
 HALF_LIFE = 50000
@@ -76,25 +76,17 @@ class ERW(REPA):
         self.phase = self.phase_of(ctx.step)
         coeff = self.coeff(ctx.step)
         x = inputs["x"]
-        if self.phase == "main":
-            den = self.denoiser
-            x_t, t = den.corrupt(x, inputs["time"], inputs["noise"])
-            drop = self.drop_ids(inputs)
-            kw = {} if drop is None else {"force_drop_ids": drop}
-            out, zs_tilde = model(x_t, t, inputs["y"], **kw)
-            denoising, _ = den.loss(out, x, x_t, inputs["time"], inputs["noise"])
-            proj = projection_loss(inputs["zs"], zs_tilde, self.kernels, device=x.device)
-            loss_term, total = denoising.mean(), total_loss(denoising, proj, coeff)
+        if self.phase == "main":  # REPA's loss with this step's weight
+            total, terms = super().loss(model, inputs, ctx)
         else:  # the warmup: clean latents at t = 0, blocks 1..l2r-depth, the alignment loss alone
             drop = self.drop_ids(inputs)
-            kw = {} if drop is None else {"force_drop_ids": drop}
             t = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-            zs_tilde = model.project_at(x, t, inputs["y"], self.l2r_depth, **kw)
+            zs_tilde = model.project_at(x, t, inputs["y"], self.l2r_depth,
+                                        **({} if drop is None else {"force_drop_ids": drop}))
             proj = projection_loss(inputs["zs"], zs_tilde, self.kernels, device=x.device)
             total = coeff * proj
-            loss_term = total
-        return total, {"loss": loss_term, "proj_loss": proj,
-                       "proj_coeff": torch.full((), coeff, device=x.device, dtype=torch.float32)}
+            terms = {"loss": total, "proj_loss": proj}
+        return total, {**terms, "proj_coeff": torch.full((), coeff, device=x.device, dtype=torch.float32)}
 
     # ------------------------------------------------------------------ state and cost
 

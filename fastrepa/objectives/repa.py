@@ -135,8 +135,12 @@ class REPA(Objective):
             out, zs_tilde = model(x_t, t, inputs["y"], force_drop_ids=drop)
         denoising, extra = den.loss(out, x, x_t, inputs["time"], inputs["noise"])
         proj = projection_loss(inputs["zs"], zs_tilde, self.kernels, device=x.device)
-        total = total_loss(denoising, proj, self.proj_coeff)
+        total = total_loss(denoising, proj, self.coeff(ctx.step))
         return total, {"loss": denoising.mean(), "proj_loss": proj, **extra}
+
+    def coeff(self, step: int) -> float:
+        """The alignment weight at `step` (REPA: --proj-coeff throughout; ERW: a schedule)."""
+        return self.proj_coeff
 
     def train_flops(self, model) -> float:
         from fastrepa.train.flops import encoder_flops

@@ -320,12 +320,16 @@ def _canonical(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in ("module", "_orig_mod"))
 
 
+def _state_param(key: str) -> str | None:
+    """The parameter of a flat optimizer-state key `state.<parameter name>.<field>`, else None."""
+    return key[len("state."):].rsplit(".", 1)[0] if key.startswith("state.") else None
+
+
 def _never_stepped(path: str, osd: dict) -> set[str]:
     """The parameters (names) with no optimizer state at all in the checkpoint `path`: they had no gradient
     before it was saved (e.g. the blocks ERW's warmup does not run), so they get no state on load either."""
-    saved = {k.split(".", 1)[1] for k in FileSystemReader(path).read_metadata().state_dict_metadata
-             if k.startswith("state.")}
-    return {name for name in osd.get("state", {}) if not any(k.startswith(name + ".") for k in saved)}
+    saved = {_state_param(k) for k in FileSystemReader(path).read_metadata().state_dict_metadata}
+    return {name for name in osd.get("state", {}) if name not in saved}
 
 
 def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = None,
@@ -357,7 +361,7 @@ def load(path: str, *, model: torch.nn.Module, ema: torch.nn.Module | None = Non
         osd = get_optimizer_state_dict(model, optimizer)
         absent = _never_stepped(os.path.join(path, "optim"), osd)
         _check_keys(os.path.join(path, "optim"), osd, "optimizer",
-                    relaxed=lambda k: _optim_relaxed(k) or any(k.startswith(f"state.{n}.") for n in absent))
+                    relaxed=lambda k: _optim_relaxed(k) or _state_param(k) in absent)
         with _dcp_quiet():
             torch_dcp.load(osd, storage_reader=FileSystemReader(os.path.join(path, "optim")),
                            planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=no_dist)
