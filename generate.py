@@ -64,6 +64,12 @@ def build_parser():
                    help="sampler: ode / sde for a velocity model (SiT; default ode, as official REPA), ddpm for a "
                         "DiT checkpoint (its default: DDPM respaced to --num-steps, as DiT's sample_ddp.py)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    # REG's generate.py spellings
+    p.add_argument("--cls-cfg-scale", type=float, default=1.5,
+                   help="REG checkpoints: the CFG scale of the class token (<= 0: its conditional velocity "
+                        "alone), as official REG; other checkpoints: unused")
+    p.add_argument("--cls", type=int, default=None,
+                   help="REG's flag (the class token's width); read from the checkpoint, checked when given")
     p.add_argument("--path-type", choices=("linear", "cosine"), default=None)
     p.add_argument("--num-steps", "--num-sampling-steps", dest="num_steps", type=int, default=None,
                    help="sampler steps (default 50 for ode/sde, 250 for ddpm; --num-sampling-steps is DiT's name)")
@@ -263,6 +269,9 @@ class Generator:
         if self.mode == "ddpm" and (a.guidance_low, a.guidance_high) != (0.0, 1.0):
             parser.error("--guidance-low/--guidance-high: DDPM sampling (a DiT checkpoint) guides every step, as "
                          "DiT does; the guidance interval is an option of the ODE/SDE samplers")
+        if a.cls is not None and a.cls != model.cls_token_dim:
+            parser.error(f"--cls {a.cls}: the checkpoint's class token has {model.cls_token_dim} dims "
+                         f"({'a REG checkpoint' if model.cls_token_dim else 'not a REG checkpoint'})")
         self.model = model.to(device)
         vae_name = a.vae or args.get("vae") or "ema"
         try:  # the SD-VAE decodes under the sampler's precision: bf16 autocast, or fp32 without autocast
@@ -295,6 +304,8 @@ class Generator:
             settings["sde_noise"] = "per-sample"
         if self.mode == "ddpm":
             settings["guided_channels"] = a.guided_channels
+        if model.cls_token_dim:  # REG: the class token is sampled alongside, under its own guidance scale
+            settings["cls_cfg_scale"] = a.cls_cfg_scale
         if precision == "fp32" and hasattr(self.vae, "decode_dtype"):  # the SD-VAE decodes in fp32 too
             settings["vae_decode"] = "fp32"
         self.shard_dir = shard_dir = os.path.join(a.sample_dir, "shards")
@@ -341,7 +352,7 @@ class Generator:
                               guidance_high=a.guidance_high, heun=a.heun, path_type=self.path_type,
                               seed=a.global_seed, latents_scale=self.latents_scale, latents_bias=self.latents_bias,
                               device=self.device, velocity=self.denoise, autocast_dtype=self.autocast_dtype,
-                              guided_channels=self.guided_channels).numpy()
+                              guided_channels=self.guided_channels, cls_cfg_scale=a.cls_cfg_scale).numpy()
         if a.png:
             write_pngs(images, start, self.png_dir)
         feats = self.features_of(images) if self.stream else None

@@ -7,6 +7,7 @@ q, k, v are [B, H, T, hd] (the layout `fastrepa.kernels.qk_norm_rope` produces);
 - "math": the explicit softmax(q k^T / sqrt(hd)) v in fp32, the reference;
 - "flash_attn": the flash-attn package (CUDA, fp16/bf16 only);
 - "xformers": xformers memory_efficient_attention (CUDA).
+`attention_logits` gives the scores themselves, for methods that align attention maps (HASTE).
 """
 import importlib
 import math
@@ -40,6 +41,15 @@ def attention_math(q, k, v):
     scale = 1.0 / math.sqrt(q.shape[-1])
     attn = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale
     return torch.einsum("bhqk,bhkd->bhqd", attn.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def attention_logits(q, k, heads: int | None = None):
+    """The pre-softmax attention scores (q * hd^-0.5) k^T [B, h, T, T] of the first `heads` heads (all when
+    None), in q's dtype: what HASTE aligns (its model and its DINOv2 compute them so, beside the fused
+    attention, which never materialises them)."""
+    if heads is not None:
+        q, k = q[:, :heads], k[:, :heads]
+    return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
 
 
 def attention(q, k, v, backend: str = "sdpa"):

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, fields
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
-from fastrepa.models import MODEL_NAMES, PROJECTOR_TYPES, erw_rope, model_kwargs
+from fastrepa.models import MODEL_NAMES, PROJECTOR_TYPES, erw_rope, family_of, model_kwargs
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
 from fastrepa.objectives.erw import HALF_LIFE, check_erw, default_lambda_c0
+from fastrepa.objectives.haste import ATTN_BLOCKS, ATTN_ENCODER_BLOCKS, STOP_STEP, check_haste, parse_blocks
+from fastrepa.objectives.reg import CLS_COEFF
 from fastrepa.objectives.irepa import SPNORM_METHODS
 from fastrepa.objectives.sra import ALIGN_LOSSES, COS_AXES, check_sra, default_blocks
 
@@ -99,8 +101,10 @@ class ModelConfig:
 class ObjectiveConfig:
     method: str = flag("repa", "training method: repa (alignment to frozen encoders, --enc-type), irepa (REPA "
                                "with a conv projector and a token-z-scored target), sra (self-alignment to the "
-                               "EMA model, no encoder) or erw (a warmup of the first blocks on the encoder's "
-                               "features, then REPA with a decaying weight)",
+                               "EMA model, no encoder), erw (a warmup of the first blocks on the encoder's "
+                               "features, then REPA with a decaying weight), haste (REPA plus attention-map "
+                               "alignment, both stopped at --align-stop-step) or reg (REPA plus a denoised "
+                               "class token carrying the encoder's class feature)",
                        choices=tuple(METHODS))
     path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
     prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
@@ -137,6 +141,19 @@ class ObjectiveConfig:
                                          "c0 * 2^(-(step - warmup) / --lambda-half-life) (default 6 for XL "
                                          "models, 3 for L, 1 otherwise)")
     lambda_half_life: float = flag(float(HALF_LIFE), "ERW: steps over which the alignment weight halves")
+    # HASTE (official HASTE flag names where it has them; its blocks are hard-coded upstream)
+    attn_coeff: float = flag(0.5, "HASTE: weight of the attention-map alignment (cross-entropy of the model's "
+                                  "attention to the encoder's)")
+    align_stop_step: int = flag(STOP_STEP, "HASTE: the step from which both alignment terms are off and the "
+                                           "encoder no longer runs (plain SiT training)",
+                                aliases=("--early-stop-point",))
+    attn_blocks: str = flag(",".join(map(str, ATTN_BLOCKS)), "HASTE: the model's blocks (1-based) whose attention "
+                                                             "maps are aligned (official: 5-8 of SiT-XL/2)")
+    attn_encoder_blocks: str = flag(",".join(map(str, ATTN_ENCODER_BLOCKS)),
+                                    "HASTE: the encoder's blocks (1-based) they are aligned to, pairwise "
+                                    "(official: 9-12 of DINOv2-B)")
+    # REG (official REG flag name)
+    cls: float = flag(CLS_COEFF, "REG: weight of the class token's denoising loss")
 
     def __post_init__(self):
         _need(self.path_type in PATH_TYPES, "path_type", self.path_type, f"one of {PATH_TYPES}")
@@ -161,6 +178,19 @@ class ObjectiveConfig:
         _need(self.align_loss is None or self.align_loss in ALIGN_LOSSES, "align_loss", self.align_loss,
               f"one of {ALIGN_LOSSES}")
         _need(self.align_cos_axis in COS_AXES, "align_cos_axis", self.align_cos_axis, f"one of {COS_AXES}")
+        _need(self.attn_coeff >= 0, "attn_coeff", self.attn_coeff, "a number >= 0")
+        _need(self.align_stop_step >= 0, "align_stop_step", self.align_stop_step, "a step >= 0")
+        _need(self.cls >= 0, "cls", self.cls, "a number >= 0")
+        for name in ("attn_blocks", "attn_encoder_blocks"):
+            try:
+                parse_blocks("--" + name.replace("_", "-"), getattr(self, name))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+    def haste_blocks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the model's, the encoder's) HASTE attention blocks, 1-based."""
+        return (parse_blocks("--attn-blocks", self.attn_blocks),
+                parse_blocks("--attn-encoder-blocks", self.attn_encoder_blocks))
 
     @property
     def encoders(self) -> list[str]:
@@ -287,6 +317,16 @@ class TrainConfig:
               f"a multiple of --gradient-accumulation-steps={self.gradient_accumulation_steps}")
         _need(self.data.resolution % 8 == 0 or self.model.input_size is not None, "resolution",
               self.data.resolution, "a multiple of 8 (the SD-VAE factor) unless --input-size is given")
+        if self.objective.method == "reg":
+            _need(family_of(self.model.model) == "SiT", "model", self.model.model,
+                  "a SiT model for --method reg (REG trains SiT with flow matching)")
+            _need(self.model.projection_layer_type in (None, "mlp"), "projection_layer_type",
+                  self.model.projection_layer_type, "mlp for --method reg (the class token is not on the grid)")
+            _need(not self.model.rope, "rope", self.model.rope, "False for --method reg (the class token is not "
+                                                                 "on the RoPE grid)")
+        if self.objective.method in ("erw", "haste", "reg"):
+            _need(bool(self.objective.encoders), "enc_type", self.objective.enc_type,
+                  f"an encoder for --method {self.objective.method}")
         # The model options are checked here, before any data or weights are touched.
         try:
             kw = model_kwargs(self.model.model, **self.model_overrides(),
@@ -294,9 +334,15 @@ class TrainConfig:
         except ValueError as e:
             flags = re.findall(r"\b([a-z_]+)=", str(e))
             raise ConfigError(f"{', '.join('--' + f.replace('_', '-') for f in flags) or '--model'}: {e}") from None
+        if self.objective.method == "haste":
+            _need(self.parallel != "ddp", "parallel", self.parallel,
+                  "fsdp or none for --method haste (after --align-stop-step its projectors get no gradients, "
+                  "which DDP's reducer does not allow)")
+            try:
+                check_haste(*self.objective.haste_blocks(), kw["depth"], self.objective.align_stop_step)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.objective.method == "erw":
-            _need(bool(self.objective.encoders), "enc_type", self.objective.enc_type,
-                  "an encoder for --method erw (its warmup aligns to it)")
             _need(self.parallel != "ddp", "parallel", self.parallel,
                   "fsdp or none for --method erw (its warmup leaves most parameters without gradients, which "
                   "DDP's reducer does not allow)")

@@ -17,6 +17,7 @@ makes runs resumable; `assemble_shards` and `assemble_features` read them back i
 """
 import contextlib
 import datetime
+import math
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from PIL import Image
 
 from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
 from fastrepa.io import atomic_open
-from fastrepa.models import OVERRIDES, build_model, erw_rope, family_of
+from fastrepa.models import OVERRIDES, build_model, erw_rope, family_of, unwrap
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 from fastrepa.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
@@ -35,7 +36,8 @@ from fastrepa.vae import decode_to_uint8
 MODES = ("ode", "sde", "ddpm")
 MODES_OF = {"velocity": ("ode", "sde"), "epsilon": ("ddpm",)}  # model.prediction -> its sampling modes
 # The per-sample streams: step_seed(seed, stream, sample index); stream 1 is reserved.
-STREAM_INIT, STREAM_SDE = 0, 2
+STREAM_INIT, STREAM_SDE, STREAM_CLS = 0, 2, 3
+CLS_CFG_SCALE = 1.5  # official REG generate.py --cls-cfg-scale
 
 
 def projector_options(state_dict: dict) -> dict:
@@ -73,6 +75,8 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     name = check_family(name, sd, path)
     kw.update(projector_options(sd))
     kw["ap_head"] = any(k.startswith("ap_head.") for k in sd)  # an SRA checkpoint's training-only head
+    cls = sd.get("cls_projectors2.weight")  # a REG checkpoint's class token
+    kw["cls_token_dim"] = int(cls.shape[1]) if cls is not None else 0
     model = build_model(name, **kw)
     load_weights(model, sd, source=f"{path} [{weights}]")
     return model.eval(), args
@@ -117,16 +121,53 @@ def check_mode(model, mode: str) -> None:
                          f"{' / '.join(allowed)}")
 
 
+def class_token_velocity(denoise, latent_shape, n: int, cfg_scale: float, cls_cfg_scale: float = CLS_CFG_SCALE):
+    """REG's model as a velocity of one state [n, C*H*W + d] = (flattened latents, class token), so the
+    flow samplers integrate both without knowing of the token: `denoise(x, t, y, cls_token=c)` gives
+    (v, v_cls), returned packed the same way.
+
+    Official REG guides the class token with its own scale (`--cls-cfg-scale`; 0 or less: the conditional
+    velocity alone). Where the sampler doubles the batch for CFG (2n rows: conditional, then unconditional)
+    the class token's conditional velocity becomes v_u + (s_cls / s)(v_c - v_u), so the sampler's
+    d_u + s (d_c - d_u) is d_u + s_cls (d_c - d_u) for it: both samplers' drifts are affine in v with the same
+    coefficients in both halves (the halves share x), so this is exact for the ODE and the SDE alike."""
+    size = math.prod(latent_shape)
+    s_cls = cls_cfg_scale if cls_cfg_scale > 0 else 1.0
+    k = s_cls / cfg_scale if cfg_scale > 1.0 else 1.0
+
+    def velocity(state, t, y):
+        x, c = state[:, :size].reshape(-1, *latent_shape), state[:, size:]
+        v, v_cls = denoise(x, t, y, cls_token=c)
+        if state.shape[0] == 2 * n and k != 1.0:
+            cond, uncond = v_cls.chunk(2)
+            v_cls = torch.cat([uncond + k * (cond - uncond), uncond])
+        return torch.cat([v.flatten(1), v_cls.to(v.dtype)], dim=1)
+    return velocity
+
+
 def sample_latents(model, z, y, *, mode: str = "ode", num_steps: int = 50, cfg_scale: float = 1.0,
                    guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False,
-                   path_type: str = "linear", generators=None, denoise=None, guided_channels: int | None = 3):
+                   path_type: str = "linear", generators=None, denoise=None, guided_channels: int | None = 3,
+                   cls_z=None, cls_cfg_scale: float = CLS_CFG_SCALE):
     """Latents from initial noise z [N, C, H, W] and labels y [N] with the backbone's sampler (module
     docstring). `denoise` replaces `model.denoise` (e.g. its compiled version); `generators` (one per row)
     give the SDE's / DDPM's per-step noise. DDPM: `num_steps` respaced steps of the 1000 (DiT: 250), CFG
     when cfg_scale > 1 on `guided_channels` eps channels (3: DiT's; None: all), on every step (the guidance
-    interval is a flow-sampler option)."""
+    interval is a flow-sampler option). REG's model (cls_token_dim > 0) also takes the class token's
+    initial noise `cls_z` [N, d]: it is integrated alongside (`class_token_velocity`) and discarded."""
     check_mode(model, mode)
     denoise = denoise or model.denoise
+    cls_dim = getattr(unwrap(model), "cls_token_dim", 0)
+    if cls_dim and cls_z is not False:  # (False: the packed state of the call below)
+        if cls_z is None or tuple(cls_z.shape) != (z.shape[0], cls_dim):
+            raise ValueError(f"a REG model samples its class token too: cls_z must be [{z.shape[0]}, {cls_dim}], "
+                             f"got {None if cls_z is None else tuple(cls_z.shape)}")
+        denoise = class_token_velocity(denoise, z.shape[1:], z.shape[0], cfg_scale, cls_cfg_scale)
+        shape, z = z.shape, torch.cat([z.flatten(1), cls_z.to(device=z.device, dtype=z.dtype)], dim=1)
+        x = sample_latents(model, z, y, mode=mode, num_steps=num_steps, cfg_scale=cfg_scale,
+                           guidance_low=guidance_low, guidance_high=guidance_high, heun=heun, path_type=path_type,
+                           generators=generators, denoise=denoise, cls_z=False)
+        return x[:, :math.prod(shape[1:])].reshape(shape)
     if mode == "ddpm":
         from fastrepa.gaussian_diffusion import cfg_model_fn, create_diffusion
         diffusion = create_diffusion(str(num_steps))
@@ -171,7 +212,7 @@ def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str
                  cfg_scale: float = 1.5, guidance_low: float = 0.0, guidance_high: float = 1.0,
                  heun: bool = False, path_type: str = "linear", seed: int = 0, latents_scale: float = 0.18215,
                  latents_bias: float = 0.0, device=None, velocity=None, autocast_dtype=None,
-                 guided_channels: int | None = 3) -> torch.Tensor:
+                 guided_channels: int | None = 3, cls_cfg_scale: float = CLS_CFG_SCALE) -> torch.Tensor:
     """uint8 images [end - start, H, W, 3] of sample indices start..end-1.
 
     The batch always holds `batch_size` indices (start..start+batch_size-1): a short last batch is
@@ -179,7 +220,7 @@ def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str
     biased) and truncated, as REPA does; the shapes stay static for torch.compile. `velocity` replaces
     `model.denoise` (e.g. its torch.compile'd version); `autocast_dtype` (e.g. torch.bfloat16) runs the
     model and the VAE decode under autocast on the device. Sample i's SDE / DDPM step noise comes from its
-    own generator (seed, STREAM_SDE, i).
+    own generator (seed, STREAM_SDE, i); a REG model's class-token noise from (seed, STREAM_CLS, i).
     """
     if mode not in MODES:
         raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
@@ -190,12 +231,16 @@ def sample_batch(model, vae, start: int, end: int, *, batch_size: int, mode: str
     dtype = next(model.parameters()).dtype
     z, y = noise_and_labels(range(start, start + batch_size), model.latent_shape, model.num_classes, seed, device)
     gens = index_generators(seed, STREAM_SDE, range(start, start + batch_size)) if mode != "ode" else None
+    cls_dim = getattr(unwrap(model), "cls_token_dim", 0)
+    cls_z = (torch.stack([torch.randn(cls_dim, generator=index_generator(seed, STREAM_CLS, i))
+                          for i in range(start, start + batch_size)]).to(device) if cls_dim else None)
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
     with amp:
         x = sample_latents(model, z.to(dtype), y, mode=mode, num_steps=num_steps, cfg_scale=cfg_scale,
                            guidance_low=guidance_low, guidance_high=guidance_high, heun=heun, path_type=path_type,
-                           generators=gens, denoise=velocity, guided_channels=guided_channels)
+                           generators=gens, denoise=velocity, guided_channels=guided_channels, cls_z=cls_z,
+                           cls_cfg_scale=cls_cfg_scale)
         images = decode_to_uint8(vae, x[: end - start].float(), latents_scale, latents_bias)
     return images
 

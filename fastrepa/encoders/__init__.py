@@ -70,6 +70,18 @@ class FrozenEncoder(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)
 
+    num_heads: int | None = None  # heads of the attention maps `features` gives (None: it gives none)
+    depth: int | None = None  # the blocks `features` can give attention maps of (None: any)
+    has_cls_token = False  # `features` gives "cls"
+
+    def features(self, images, attn_blocks=()) -> dict:
+        """{"patch": forward(images), "cls": a global token [B, C], "attn": [B, heads, P, P] patch-to-patch
+        attention scores per requested block (1-based)}, for the methods that use more than the patch
+        tokens (REG: the class token; HASTE: the attention maps)."""
+        name = getattr(self, "enc_type", type(self).__name__)
+        raise ValueError(f"encoder {name} gives its patch tokens only (no class token or attention maps); "
+                         "use a ViT encoder with a class token (dinov2-*, as HASTE and REG do)")
+
 
 class PatchPixelEncoder(FrozenEncoder):
     """Parameter-free encoder: each token is the mean-centred pixels of one patch of the clean image.
@@ -99,6 +111,16 @@ class PatchPixelEncoder(FrozenEncoder):
         x = images.float() / 127.5 - 1
         tokens = F.unfold(x, kernel_size=self.patch, stride=self.patch).transpose(1, 2)
         return tokens - tokens.mean(dim=-1, keepdim=True)
+
+    num_heads, has_cls_token = 1, True
+
+    @torch.no_grad()
+    def features(self, images, attn_blocks=()):
+        """The stand-in's class token is the mean of its patch tokens and its attention map the scores of one
+        parameter-free head, z z^T / sqrt(C) (the same map for every block asked: it has no layers)."""
+        z = self.forward(images)
+        scores = (z @ z.transpose(1, 2) / self.embed_dim ** 0.5).unsqueeze(1)
+        return {"patch": z, "cls": z.mean(dim=1), "attn": [scores for _ in attn_blocks]}
 
 
 class PretrainedEncoder(FrozenEncoder):
@@ -133,8 +155,29 @@ class PretrainedEncoder(FrozenEncoder):
         return x
 
     @torch.no_grad()
-    def forward(self, images):
-        return self.vit(self.preprocess(images))
+    def forward(self, images, attn_blocks=None):
+        """The patch tokens; with `attn_blocks` (a tuple, maybe empty) the `features` dict instead, so that
+        one compiled call (`encoder.compile()`, as --compile does) serves both."""
+        if attn_blocks is None:
+            return self.vit(self.preprocess(images))
+        if not isinstance(self.vit, ViT):
+            return super().features(images, attn_blocks)
+        return self.vit.features(self.preprocess(images), attn_blocks)
+
+    @property
+    def num_heads(self) -> int | None:
+        return self.vit.num_heads if isinstance(self.vit, ViT) else None
+
+    @property
+    def depth(self) -> int | None:
+        return len(self.vit.blocks) if isinstance(self.vit, ViT) else None
+
+    @property
+    def has_cls_token(self) -> bool:
+        return isinstance(self.vit, ViT) and self.vit.num_prefix > 0
+
+    def features(self, images, attn_blocks=()):
+        return self(images, attn_blocks=tuple(attn_blocks))
 
 
 def check_grid(encoder: nn.Module, num_tokens: int) -> None:

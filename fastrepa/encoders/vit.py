@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastrepa.attention import attention_logits
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim):
@@ -36,11 +38,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, logits: bool = False):
+        """x [B, N, C] -> the attention output, and with `logits` also the scores (q * hd^-0.5) k^T
+        [B, heads, N, N] (as HASTE's modified DINOv2 returns them)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        out = self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return (out, attention_logits(q, k)) if logits else out
 
 
 class Mlp(nn.Module):
@@ -76,7 +80,11 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
         self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
 
-    def forward(self, x):
+    def forward(self, x, logits: bool = False):
+        if logits:
+            a, scores = self.attn(self.norm1(x), logits=True)
+            x = x + self.ls1(a)
+            return x + self.ls2(self.mlp(self.norm2(x))), scores
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
@@ -107,7 +115,23 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, hidden, ffn, layerscale) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
+    @property
+    def num_heads(self) -> int:
+        return self.blocks[0].attn.heads
+
     def forward(self, x):
+        return self.features(x)["patch"]
+
+    def features(self, x, attn_blocks=()):
+        """{"patch": the patch tokens [B, grid*grid, C] (forward's output), "cls": the class token [B, C]
+        (after `norm` when final_norm, as DINOv2's x_norm_clstoken; absent without a class token), "attn": one
+        [B, heads, P, P] patch-to-patch score tensor per block of `attn_blocks` (1-based), the class and
+        register rows and columns dropped (HASTE drops the class token's; softmax over them then runs over
+        the patch keys alone)}."""
+        attn_blocks = list(attn_blocks)
+        bad = [b for b in attn_blocks if not 1 <= b <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"encoder attention blocks {bad} are outside 1..{len(self.blocks)} (the encoder depth)")
         B, _, H, W = x.shape
         if (H // self.patch, W // self.patch) != (self.grid, self.grid) or H % self.patch or W % self.patch:
             raise ValueError(f"ViT encoder built for a {self.grid}x{self.grid} grid of {self.patch}px patches "
@@ -118,11 +142,19 @@ class ViT(nn.Module):
         x = x + self.pos_embed.to(x.dtype)
         if self.num_registers:  # DINOv2 -reg: registers go after the class token, without pos-embed
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        prefix, scores = self.num_prefix + self.num_registers, {}
+        for depth, blk in enumerate(self.blocks, 1):
+            if depth in attn_blocks:
+                x, s = blk(x, logits=True)
+                scores[depth] = s[:, :, prefix:, prefix:]
+            else:
+                x = blk(x)
         if self.final_norm:
             x = self.norm(x)
-        return x[:, self.num_prefix + self.num_registers:]
+        out = {"patch": x[:, prefix:], "attn": [scores[b] for b in attn_blocks]}
+        if self.num_prefix:
+            out["cls"] = x[:, 0]
+        return out
 
 
 class QuickGELU(nn.Module):

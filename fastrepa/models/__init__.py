@@ -14,6 +14,8 @@ the same interface, so nothing outside fastrepa/models touches a block's attribu
     model.denoise(x, t, y)        the output alone, what the samplers call
     model.hidden_states(x, t, y, depths)   raw hidden states after the given blocks; later blocks never run
     model.project_at(x, t, y, depth)       the projectors after block `depth`; later blocks never run (ERW)
+    model(..., attn_depths=, attn_heads=)  also the attention scores of those blocks (HASTE)
+    model.cls_token_dim           REG's class token width (0: none); such a model takes and returns it
     model.fsdp_units()            the modules wrapped one by one (FSDP2, per-unit compile, checkpointing)
     model.forward_flops(depth)    matmul FLOPs of one forward of one sample (up to block `depth`)
 """
@@ -41,7 +43,8 @@ MODEL_NAMES = tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
-             "attn_backend", "kernels", "rope", "rope_pairs", "ap_head", "projector_type", "projector_kernel")
+             "attn_backend", "kernels", "rope", "rope_pairs", "ap_head", "projector_type", "projector_kernel",
+             "cls_token_dim")
 
 
 def erw_rope(rope, rope_pairs, use_rope):
@@ -70,7 +73,7 @@ def model_kwargs(name: str, **overrides) -> dict:
     kw = dict(input_size=32, patch_size=int(patch), in_channels=4, hidden_size=hidden, depth=depth,
               num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=8,
               projector_dim=2048, qk_norm=False, attn_backend="sdpa", kernels="auto", rope=False, rope_pairs="half",
-              ap_head=False, projector_type="mlp", projector_kernel=3,
+              ap_head=False, projector_type="mlp", projector_kernel=3, cls_token_dim=0,
               **FAMILIES[family][1])
     kw.update({k: v for k, v in overrides.items() if v is not None})
     kw["z_dims"] = [int(z) for z in kw["z_dims"]]
@@ -103,6 +106,11 @@ def validate_model_kwargs(kw: dict) -> None:
          f"projector_type={kw['projector_type']!r} is not one of {PROJECTOR_TYPES}")
     need(int(kw["projector_kernel"]) >= 1 and int(kw["projector_kernel"]) % 2 == 1,
          f"projector_kernel={kw['projector_kernel']} must be an odd kernel size (the grid keeps its size)")
+    need(int(kw["cls_token_dim"]) >= 0, f"cls_token_dim={kw['cls_token_dim']} must be >= 0 (0: no REG class token)")
+    if kw["cls_token_dim"]:
+        need(not kw["rope"] and kw["projector_type"] == "mlp",
+             f"cls_token_dim={kw['cls_token_dim']} (REG's class token) needs rope=False and projector_type='mlp' "
+             "(both act on the token grid, which the extra token is not part of)")
     need(kw["rope_pairs"] in ROPE_PAIRS, f"rope_pairs={kw['rope_pairs']!r} is not one of {ROPE_PAIRS}")
     if kw["rope"]:
         head_dim = kw["hidden_size"] // kw["num_heads"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastrepa import kernels as K
-from fastrepa.attention import attention
+from fastrepa.attention import attention, attention_logits
 from fastrepa.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 
 
@@ -35,12 +35,15 @@ class Attention(nn.Module):
         self.rope_grid = None if rope_grid is None else tuple(rope_grid)
         self.rope_pairs = rope_pairs
 
-    def forward(self, x):
+    def forward(self, x, logit_heads: int | None = None):
+        """x [N, T, D] -> the attention output; with `logit_heads` = h also the scores (q * hd^-0.5) k^T
+        [N, h, T, T] of the first h heads, after the QK-norm and RoPE (HASTE's model computes them so)."""
         norm = dict(q_weight=self.q_norm.weight, q_bias=self.q_norm.bias, k_weight=self.k_norm.weight,
                     k_bias=self.k_norm.bias, eps=self.q_norm.eps, norm="layernorm") if self.qk_norm else {}
         q, k, v = K.qk_norm_rope(self.qkv(x), self.num_heads, rope_grid=self.rope_grid, rope_pairs=self.rope_pairs,
                                  impl=self.kernels, **norm)
-        return self.proj(attention(q, k, v, self.attn_backend))
+        out = self.proj(attention(q, k, v, self.attn_backend))
+        return out if logit_heads is None else (out, attention_logits(q, k, logit_heads))
 
 
 class Mlp(nn.Module):
@@ -75,34 +78,46 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.kernels = kernels
 
-    def forward(self, x, c, pending=None, defer: bool = False):
-        """x [N, T, D], c [N, D] -> x after the block, or (x, (gate_mlp, mlp_out)) with defer=True."""
+    def forward(self, x, c, pending=None, defer: bool = False, attn_heads: int | None = None):
+        """x [N, T, D], c [N, D] -> x after the block, or (x, (gate_mlp, mlp_out)) with defer=True; with
+        `attn_heads` = h, (that, the attention scores of the first h heads [N, h, T, T])."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         if pending is None:
             h = K.layernorm_modulate(x, shift_msa, scale_msa, self.eps, impl=self.kernels)
         else:
             x, h = K.gated_residual_layernorm_modulate(x, pending[0], pending[1], shift_msa, scale_msa, self.eps,
                                                        impl=self.kernels)
-        x, h = K.gated_residual_layernorm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.eps,
-                                                   impl=self.kernels)
+        a = self.attn(h, attn_heads)
+        if attn_heads is not None:
+            a, scores = a
+        x, h = K.gated_residual_layernorm_modulate(x, gate_msa, a, shift_mlp, scale_mlp, self.eps, impl=self.kernels)
         y = self.mlp(h)
-        if defer:
-            return x, (gate_mlp, y)
-        return K.gated_residual(x, gate_mlp, y, impl=self.kernels)
+        out = (x, (gate_mlp, y)) if defer else K.gated_residual(x, gate_mlp, y, impl=self.kernels)
+        return out if attn_heads is None else (out, scores)
 
 
 class FinalLayer(nn.Module):
-    eps = 1e-6  # norm_final: LayerNorm without affine
+    """norm_final (LayerNorm without affine) + adaLN modulation + `linear` to the patch outputs; with
+    `cls_token_dim` (REG) also `linear_cls` on token 0, the class token: (patch outputs of tokens 1..,
+    class-token output)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels: str = "auto"):
+    eps = 1e-6
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels: str = "auto",
+                 cls_token_dim: int = 0):
         super().__init__()
         self.kernels = kernels
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if cls_token_dim:
+            self.linear_cls = nn.Linear(hidden_size, cls_token_dim, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(K.layernorm_modulate(x, shift, scale, self.eps, impl=self.kernels))
+        h = K.layernorm_modulate(x, shift, scale, self.eps, impl=self.kernels)
+        if hasattr(self, "linear_cls"):
+            return self.linear(h[:, 1:]), self.linear_cls(h[:, 0])
+        return self.linear(h)
 
 
 class Projector(nn.Sequential):
@@ -159,6 +174,12 @@ class SiT(nn.Module):
     """Scalable Interpolant Transformer with REPA projectors after block `encoder_depth` (1-based) and, with
     `ap_head=True`, SRA's alignment head (applied after the block the caller names, `head_depth`).
 
+    `cls_token_dim` = d > 0 adds REG's class token (official REG keys): the noised encoder class feature
+    [N, d] enters as one more token in front of the patches through `cls_projectors2` (Linear(d, D)) and
+    `wg_norm` (LayerNorm(D), affine), `pos_embed` gets a zero row in front for it ([1, T + 1, D]), every
+    block and the projectors see T + 1 tokens, and `final_layer.linear_cls` (Linear(D, d), zero-init) maps
+    token 0 to its velocity; the model then takes `cls_token=` and returns the class token's output too.
+
     The backbone interface (fastrepa.models): latent_shape, token_grid, prediction, null_class,
     label_dropout_prob, forward / denoise / hidden_states, fsdp_units, forward_flops."""
 
@@ -170,7 +191,7 @@ class SiT(nn.Module):
                  num_classes: int = 1000, z_dims=(768,), encoder_depth: int = 8, projector_dim: int = 2048,
                  qk_norm: bool = False, attn_backend: str = "sdpa", kernels: str = "auto", rope: bool = False,
                  ap_head: bool = False, rope_pairs: str = "half", projector_type: str = "mlp",
-                 projector_kernel: int = 3):
+                 projector_kernel: int = 3, cls_token_dim: int = 0):
         super().__init__()
         self.kernels = kernels
         self.in_channels = in_channels
@@ -181,12 +202,14 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
         self.z_dims = list(z_dims)
+        self.cls_token_dim = int(cls_token_dim)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        extra = 1 if self.cls_token_dim else 0  # REG's class token
+        self.pos_embed = nn.Parameter(torch.zeros(1, extra + num_patches, hidden_size), requires_grad=False)
         grid = self.x_embedder.grid_size
         self.blocks = nn.ModuleList(
             [SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, attn_backend, kernels,
@@ -196,7 +219,10 @@ class SiT(nn.Module):
                                          for z in self.z_dims])
         if ap_head:
             self.ap_head = APHead(hidden_size)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels)
+        if self.cls_token_dim:
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels, self.cls_token_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -208,7 +234,10 @@ class SiT(nn.Module):
 
         self.apply(_basic_init)
         grid = self.x_embedder.grid_size
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).float().unsqueeze(0))
+        table = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).float()
+        if self.cls_token_dim:  # REG: a zero row in front, for the class token
+            table = torch.cat([torch.zeros(1, table.shape[1]), table])
+        self.pos_embed.data.copy_(table.unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -222,6 +251,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.cls_token_dim:
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     @property
     def depth(self) -> int:
@@ -267,6 +299,8 @@ class SiT(nn.Module):
         if depth is None:
             macs += d * 2 * d + t * d * self.final_layer.linear.out_features
             macs += t * sum(proj.macs_per_token() for proj in self.projectors)
+        if self.cls_token_dim:  # REG: the class token's input projection and (whole model) its output layer
+            macs += self.cls_token_dim * d * (2 if depth is None else 1)
         return 2 * macs
 
     def head_flops(self) -> int:
@@ -285,41 +319,67 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed(self, x, t, y, force_drop_ids=None):
-        """Tokens [N, T, D] and the conditioning vector c [N, D]."""
-        tokens = self.x_embedder(x) + self.pos_embed
+    def embed(self, x, t, y, force_drop_ids=None, cls_token=None):
+        """Tokens [N, T, D] (REG: [N, 1 + T, D], the class token first) and the conditioning vector c [N, D]."""
+        tokens = self.x_embedder(x)
+        if self.cls_token_dim:
+            if cls_token is None or tuple(cls_token.shape) != (x.shape[0], self.cls_token_dim):
+                got = None if cls_token is None else tuple(cls_token.shape)
+                raise ValueError(f"a model with REG's class token takes cls_token [{x.shape[0]}, "
+                                 f"{self.cls_token_dim}] (the noised class feature), got {got}")
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(tokens.dtype)))
+            tokens = torch.cat([cls.unsqueeze(1), tokens], dim=1)
+        elif cls_token is not None:
+            raise ValueError("cls_token given to a model without REG's class token (cls_token_dim=0)")
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
-        return tokens, c
+        return tokens + self.pos_embed, c
 
-    def forward(self, x, t, y, force_drop_ids=None, return_zs: bool = True, head_depth: int | None = None):
-        """x [N, C, H, W], t [N], y [N] -> (output [N, out_channels, H, W], zs), zs one [N, T, z_dim] per
-        projector; with `head_depth` = k (1-based; a model built with ap_head=True) also the SRA head of the
-        hidden state after block k: (output, zs, ap_head(h_k)).
+    def forward(self, x, t, y, force_drop_ids=None, return_zs: bool = True, head_depth: int | None = None,
+                attn_depths=(), attn_heads: int | None = None, cls_token=None):
+        """x [N, C, H, W], t [N], y [N] -> (output [N, out_channels, H, W], zs, *extras), zs one [N, T, z_dim]
+        per projector, and the extras asked for, in this order:
+        - `head_depth` = k (1-based; a model built with ap_head=True): the SRA head of the hidden state after
+          block k;
+        - `attn_depths` (1-based blocks; HASTE): the list of their attention scores [N, h, T, T] of the first
+          `attn_heads` heads (all when None);
+        - REG's model (cls_token_dim > 0) takes `cls_token` [N, cls_token_dim], the noised class feature, and
+          gives the class token's output [N, cls_token_dim]; zs then cover its T + 1 tokens.
 
         `force_drop_ids` (1 = replace the label by the null class) overrides the model's own random
         label dropout, so a caller can draw it from a seeded generator. With return_zs=False the
-        projectors are skipped and only the output is returned (sampling).
+        projectors are skipped and only the output is returned (REG: (output, class-token output)).
         """
         if head_depth is not None and not 1 <= head_depth <= self.depth:
             raise ValueError(f"head_depth={head_depth} is outside 1..{self.depth} (the model depth)")
-        h, c = self.embed(x, t, y, force_drop_ids)
-        zs, head = [], None
+        attn_depths = tuple(attn_depths)
+        bad = [d for d in attn_depths if not 1 <= d <= self.depth]
+        if bad:
+            raise ValueError(f"attention depths {bad} are outside 1..{self.depth} (the model depth)")
+        h, c = self.embed(x, t, y, force_drop_ids, cls_token)
+        zs, head, scores = [], None, {}
         keep = {self.encoder_depth} if return_zs and self.projectors else set()
         if head_depth is not None:
             keep.add(head_depth)
-        for depth, h in self.run_blocks(h, c, self.depth, keep):
+        for depth, h in self.run_blocks(h, c, self.depth, keep, attn_depths, attn_heads, scores):
             if depth == self.encoder_depth and return_zs:
                 zs = [projector(h) for projector in self.projectors]
             if depth == head_depth:
                 head = self.ap_head(h)
-        out = self.unpatchify(self.final_layer(h, c))
+        final = self.final_layer(h, c)
+        out = self.unpatchify(final[0] if self.cls_token_dim else final)
         if not return_zs:
-            return out
-        return (out, zs) if head_depth is None else (out, zs, head)
+            return (out, final[1]) if self.cls_token_dim else out
+        extras = [head] if head_depth is not None else []
+        if attn_depths:
+            extras.append([scores[d] for d in attn_depths])
+        if self.cls_token_dim:
+            extras.append(final[1])
+        return (out, zs, *extras)
 
-    def denoise(self, x, t, y):
-        """The model output alone (no projectors, no head): what the samplers call."""
-        return self.forward(x, t, y, return_zs=False)
+    def denoise(self, x, t, y, cls_token=None):
+        """The model output alone (no projectors, no head): what the samplers call. REG's model takes the
+        class-token state and returns (output, class-token output)."""
+        return self.forward(x, t, y, return_zs=False, cls_token=cls_token)
 
     def velocity(self, x, t, y):
         """SiT's name for `denoise` (its output is the velocity)."""
@@ -350,8 +410,9 @@ class SiT(nn.Module):
         (_, h), = self.run_blocks(h, c, depth, set())
         return [projector(h) for projector in self.projectors]
 
-    def run_blocks(self, h, c, last: int, keep):
-        """Run blocks 1..last, yielding (depth, hidden state) at each depth in `keep` and at `last`.
+    def run_blocks(self, h, c, last: int, keep, attn_depths=(), attn_heads=None, scores=None):
+        """Run blocks 1..last, yielding (depth, hidden state) at each depth in `keep` and at `last`; the
+        attention scores of the blocks in `attn_depths` (first `attn_heads` heads) go into `scores` by depth.
 
         Between other blocks the MLP residual is deferred into the next block's first LayerNorm
         (one fused pass instead of two); at the yielded depths the hidden state is complete.
@@ -359,9 +420,13 @@ class SiT(nn.Module):
         pending = None
         for i in range(last):
             depth = i + 1
-            if depth in keep or depth == last:
-                h = self.blocks[i](h, c, pending)
-                pending = None
+            extra = dict(attn_heads=attn_heads or self.num_heads) if depth in attn_depths else {}
+            done = depth in keep or depth == last
+            out = self.blocks[i](h, c, pending, defer=not done, **extra)
+            if extra:
+                out, scores[depth] = out
+            if done:
+                h, pending = out, None
                 yield depth, h
             else:
-                h, pending = self.blocks[i](h, c, pending, defer=True)
+                h, pending = out

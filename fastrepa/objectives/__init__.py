@@ -1,5 +1,5 @@
 """Training objectives: the method seam (fastrepa.objectives.base), the denoisers (flow matching for SiT,
-DDPM for DiT) and the methods (REPA, iREPA, SRA, ERW), plus the interpolants and time samplers they share.
+DDPM for DiT) and the methods (REPA, iREPA, SRA, ERW, HASTE, REG), plus the interpolants and time samplers they share.
 
     objective = build_objective(cfg, model, encoders)      # --method, with the backbone's denoiser
 """
@@ -20,11 +20,13 @@ from fastrepa.objectives.interpolants import (
     score_from_velocity,
 )
 from fastrepa.objectives.erw import ERW
+from fastrepa.objectives.haste import HASTE
 from fastrepa.objectives.irepa import IREPA
+from fastrepa.objectives.reg import REG
 from fastrepa.objectives.repa import REPA, label_dropout_prob, repa_loss, total_loss
 from fastrepa.objectives.sra import SRA
 
-METHODS = {"repa": REPA, "irepa": IREPA, "sra": SRA, "erw": ERW}
+METHODS = {"repa": REPA, "irepa": IREPA, "sra": SRA, "erw": ERW, "haste": HASTE, "reg": REG}
 
 
 def build_denoiser(model, objective_cfg) -> Denoiser:
@@ -40,10 +42,14 @@ def build_denoiser(model, objective_cfg) -> Denoiser:
 
 def method_model_options(cfg, z_dims=None) -> dict:
     """The model options a method needs (build_model keyword arguments): REPA's projectors (one per
-    encoder, `z_dims`), SRA's alignment head and no projectors."""
+    encoder, `z_dims`), SRA's alignment head and no projectors, REG's class token as wide as the first
+    encoder's features."""
     if cfg.objective.method == "sra":
         return {"z_dims": [], "ap_head": True}
-    return {"z_dims": list(z_dims or [])}
+    z_dims = list(z_dims or [])
+    if cfg.objective.method == "reg":
+        return {"z_dims": z_dims, "cls_token_dim": z_dims[0] if z_dims else 0}
+    return {"z_dims": z_dims}
 
 
 def build_objective(cfg, model, encoders=()) -> Objective:
@@ -62,6 +68,13 @@ def build_objective(cfg, model, encoders=()) -> Objective:
         return ERW(model, denoiser, encoders, warmup_steps=o.warmup_steps, l2r_depth=o.l2r_depth,
                    lambda_c0=o.erw_lambda_c0(cfg.model.model), half_life=o.lambda_half_life,
                    encoder_names=o.encoders, resolution=d.resolution, **common)
+    if o.method == "haste":
+        return HASTE(model, denoiser, encoders, proj_coeff=o.proj_coeff, attn_coeff=o.attn_coeff,
+                     stop_step=o.align_stop_step, attn_blocks=o.haste_blocks()[0], encoder_blocks=o.haste_blocks()[1],
+                     encoder_names=o.encoders, resolution=d.resolution, **common)
+    if o.method == "reg":
+        return REG(model, denoiser, encoders, proj_coeff=o.proj_coeff, cls_coeff=o.cls, encoder_names=o.encoders,
+                   resolution=d.resolution, **common)
     if o.method == "sra":
         s, t = o.sra_blocks(cfg.model.model)
         return SRA(model, denoiser, block_out_s=s, block_out_t=t, t_max=o.t_max, align_loss=o.sra_align_loss(
@@ -71,7 +84,7 @@ def build_objective(cfg, model, encoders=()) -> Objective:
 
 
 __all__ = [
-    "ERW", "IREPA", "METHODS", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
+    "ERW", "HASTE", "IREPA", "METHODS", "REG", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
     "StepContext", "build_denoiser", "build_objective", "check_path_type", "check_prediction", "check_weighting",
     "interpolant", "label_dropout_prob", "method_model_options", "repa_loss", "sample_time",
     "score_coefficients", "score_from_velocity", "total_loss",

@@ -44,9 +44,12 @@ def counts(cfg) -> dict:
     kw = model_kwargs(cfg.model.model, **overrides)
     grid = overrides["input_size"] // kw["patch_size"]
     encs = {e: encoder_dims(e, cfg.data.resolution, grid) for e in cfg.objective.encoders}
-    with torch.device("meta"):
+    from fastrepa.encoders import load_encoder
+    with torch.device("meta"):  # the encoders too (random_init: no file read), for the methods that ask them
         model = build_model(cfg.model.model, **overrides, **method_model_options(cfg, [d for d, _ in encs.values()]))
-    objective = build_objective(cfg, model)
+        encoders = [load_encoder(e, resolution=cfg.data.resolution, grid=grid, random_init=True)
+                    for e in cfg.objective.encoders]
+    objective = build_objective(cfg, model, encoders)
     train_flops = objective.train_flops(model)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -59,7 +62,9 @@ def counts(cfg) -> dict:
             "train_gflop_per_image": round(train_flops / 1e9, 3),
             "train_gflop_per_step": round(train_flops * cfg.batch_size / 1e9, 3),
             **({"warmup_train_gflop_per_image": round(objective.warmup_flops(model) / 1e9, 3)}
-               if hasattr(objective, "warmup_flops") else {})}
+               if hasattr(objective, "warmup_flops") else {}),
+            **({"after_stop_train_gflop_per_image": round(objective.plain_flops(model) / 1e9, 3)}
+               if hasattr(objective, "plain_flops") else {})}
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched in this order against

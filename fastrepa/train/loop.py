@@ -130,8 +130,9 @@ def sample_grid(ema, vae, cfg: TrainConfig, device, path: str | None, n: int = 1
     g = torch.Generator().manual_seed(cfg.seed)
     z = torch.randn(n, *ema.latent_shape, generator=g).to(device)
     y = (torch.arange(n) % ema.num_classes).to(device)
+    cls_z = torch.randn(n, ema.cls_token_dim, generator=g).to(device) if ema.cls_token_dim else None  # REG
     x = sample_latents(ema, z, y, mode=default_mode(ema), num_steps=cfg.sample_num_steps,
-                       cfg_scale=cfg.sample_cfg_scale, path_type=cfg.objective.path_type)
+                       cfg_scale=cfg.sample_cfg_scale, path_type=cfg.objective.path_type, cls_z=cls_z)
     if path is not None:
         save_grid(decode_to_uint8(vae, x.float(), cfg.data.latents_scale, cfg.data.latents_bias), path,
                   nrow=min(n, ema.num_classes))
