@@ -24,7 +24,9 @@ Steps (GPU run; `--list` prints them with their budgets):
                    blocks 8/20): what the EMA teacher's forward costs over REPA
   train-b64-rest   the same B=64: eager+fused-adamw; irepa (iREPA's conv projector, compile+triton); erw-warmup
                    (ERW's warmup step: blocks 1..4 and the projector, the later blocks never run)
-  train-b32        the same at B=32: all four REPA variants and sra
+  train-b64-family the same B=64: haste (HASTE aligning: blocks 5-8 against DINOv2 blocks 9-12),
+                   haste-after-stop (past --align-stop-step: no encoder, no projector), reg (REG's class token)
+  train-b32        the same at B=32: all four REPA variants
   kernels          kernel suite, SiT-XL/2 shapes, B=32 and 128, bf16, fwd+bwd: Triton vs eager vs compile
   sample           sample suite, SiT-XL/2, REPA protocol (SDE 250 steps, CFG 1.8 on [0, 0.7]), B=256:
                    compile vs compile + CUDA graphs
@@ -88,10 +90,12 @@ KERNEL_OPS = ["gated_residual_layernorm_modulate", "layernorm_modulate", "qk_nor
 TRAIN_VARIANTS = {  # step -> (batch size, variants) on CUDA
     "train-b64-core": (64, ["official", "compile+triton", "sra"]),
     "train-b64-rest": (64, ["eager+fused-adamw", "irepa", "erw-warmup"]),
-    "train-b32": (32, ["official", "eager+fused-adamw", "compile", "compile+triton", "sra"]),
+    "train-b64-family": (64, ["haste", "haste-after-stop", "reg"]),
+    "train-b32": (32, ["official", "eager+fused-adamw", "compile", "compile+triton"]),
 }
 SAMPLE_VARIANTS = ["compile", "cuda-graphs"]
-METHOD_TWINS = ("sra-eager", "irepa-eager", "erw-warmup-eager")  # bench/train_suite.py's CPU stand-ins
+METHOD_TWINS = ("sra-eager", "irepa-eager", "erw-warmup-eager", "haste-eager", "haste-after-stop-eager",
+                "reg-eager")  # bench/train_suite.py's CPU stand-ins
 SYNC_TEST = "tests/test_train.py::test_a_cuda_step_syncs_the_host_once"
 TARGETS = {"train_x_official": 2.0, "kernel_x_eager": 3.0, "kernel_x_compile": 1.2, "kernel_pct_roofline": 80.0,
            "kernel_min_batch": 32}
@@ -684,13 +688,14 @@ def step_sync_test(c, step, limit):
 
 STEPS = [  # name, title, budget on CUDA (s), function
     ("setup", "offline install, versions, optional packages", 25, step_setup),
-    ("kernel-tests", "kernel tests compiled on CUDA (tests/test_kernel_*.py)", 55, step_kernel_tests),
-    ("train-b64-core", "train suite B=64: official, compile+triton, sra", 95, step_train),
+    ("kernel-tests", "kernel tests compiled on CUDA (tests/test_kernel_*.py)", 45, step_kernel_tests),
+    ("train-b64-core", "train suite B=64: official, compile+triton, sra", 85, step_train),
     ("train-b64-rest", "train suite B=64: eager+fused-adamw, irepa, erw-warmup", 85, step_train),
-    ("train-b32", "train suite B=32: all four REPA variants and sra", 65, step_train),
-    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 45, step_kernels),
-    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 65, step_sample),
-    ("torchrun", "torchrun train.py: FSDP2 + compile + bf16, DCP save, auto-resume", 45, step_torchrun),
+    ("train-b64-family", "train suite B=64: haste, haste-after-stop, reg", 60, step_train),
+    ("train-b32", "train suite B=32: all four REPA variants", 55, step_train),
+    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 35, step_kernels),
+    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 50, step_sample),
+    ("torchrun", "torchrun train.py: FSDP2 + compile + bf16, DCP save, auto-resume", 40, step_torchrun),
     ("sync-test", "host syncs of a CUDA step (tests/test_train.py)", 20, step_sync_test),
 ]
 DRY_STEP_BUDGET = 100  # each step's budget in a dry run

@@ -23,7 +23,14 @@ Variants (each measured in the same run, same weights and inputs):
 - compile+triton:     the same with the Triton kernels (`--kernels triton`; CUDA only);
 - sra:                SRA (`--method sra`, official SiT blocks 8/20 on SiT-XL/2, cos loss) on the
                       compile+triton path, the EMA teacher's blocks compiled too (CUDA only);
-- sra-eager:          SRA on the eager+fused-adamw path (runs everywhere).
+- sra-eager:          SRA on the eager+fused-adamw path (runs everywhere);
+- irepa, erw-warmup:  iREPA (conv projector, z-scored target) and ERW's warmup step (blocks 1..4 only), on
+                      the compile+triton path; -eager twins on eager+fused-adamw;
+- haste:              HASTE while it aligns (REPA + the model's attention scores of blocks 5-8 against the
+                      encoder's of blocks 9-12, materialised beside the fused attention), compile+triton;
+- haste-after-stop:   HASTE past --align-stop-step: plain SiT, no encoder forward, no projector;
+- reg:                REG (the class token: T + 1 tokens in every block, its loss), compile+triton; all three
+                      with -eager twins on eager+fused-adamw.
 Per row: the median step time over the repeats (first call, which compiles, timed apart), images/s,
 TFLOP/s from the method's FLOP count (`objective.train_flops`: REPA 3 x SiT forward + encoder forward per
 image; SRA 3 x (SiT forward + ap_head) + the teacher forward up to its block), MFU against the device's
@@ -85,6 +92,18 @@ VARIANTS = {v.name: v for v in [
             repa_twin="compile+triton"),
     Variant("erw-warmup-eager", "torch", compiled=False, fused_adamw=True, method="erw-warmup",
             repa_twin="eager+fused-adamw"),
+    # HASTE while aligning (REPA + the attention scores of 4 blocks against DINOv2's) and after its stop (plain
+    # SiT: no encoder forward, no projector), and REG (one more token, the class token's loss)
+    Variant("haste", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="haste",
+            repa_twin="compile+triton"),
+    Variant("haste-eager", "torch", compiled=False, fused_adamw=True, method="haste", repa_twin="eager+fused-adamw"),
+    Variant("haste-after-stop", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="haste-after-stop",
+            repa_twin="compile+triton"),
+    Variant("haste-after-stop-eager", "torch", compiled=False, fused_adamw=True, method="haste-after-stop",
+            repa_twin="eager+fused-adamw"),
+    Variant("reg", "triton", compiled=True, fused_adamw=True, cuda_only=True, method="reg",
+            repa_twin="compile+triton"),
+    Variant("reg-eager", "torch", compiled=False, fused_adamw=True, method="reg", repa_twin="eager+fused-adamw"),
 ]}
 ERW_L2R_DEPTH = 4  # ERW's --l2r-depth (the tiny --quick model: 1)
 
@@ -163,12 +182,23 @@ def sra_blocks(name, depth):
     return max(1, depth // 4), max(2, 3 * depth // 4)
 
 
+def haste_blocks(depth, encoder):
+    """HASTE's (model, encoder) attention blocks: the official 5-8 / 9-12 where they fit the model and the
+    encoder, else the model's first two blocks against the encoder's first (the tiny --quick model)."""
+    from fastrepa.objectives.haste import ATTN_BLOCKS, ATTN_ENCODER_BLOCKS
+    enc_depth = getattr(encoder, "depth", None)
+    if max(ATTN_BLOCKS) <= depth and (enc_depth is None or max(ATTN_ENCODER_BLOCKS) <= enc_depth):
+        return ATTN_BLOCKS, ATTN_ENCODER_BLOCKS
+    n = min(2, depth)
+    return tuple(range(1, n + 1)), (1,) * n
+
+
 def make_step(ctx, variant, name, overrides, enc_type, resolution):
     """The model, EMA, optimizer and objective of one variant (REPA: with its encoder), wrapped in the
     trainer's TrainStep."""
     from fastrepa.encoders import load_encoder
     from fastrepa.models import model_kwargs
-    from fastrepa.objectives import ERW, IREPA, REPA, SRA, FlowMatching
+    from fastrepa.objectives import ERW, HASTE, IREPA, REG, REPA, SRA, FlowMatching
     from fastrepa.train.ema import make_ema
     from fastrepa.train.parallel import compile_blocks
     from fastrepa.train.step import TrainStep
@@ -180,7 +210,8 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
         torch.manual_seed(1)  # the encoder's random weights, the same in every variant
         encoder = load_encoder(enc_type, resolution=resolution, grid=probe["input_size"] // probe["patch_size"],
                                random_init=True).to(device)
-        options = {"z_dims": [encoder.embed_dim], **({"projector_type": "conv"} if variant.method == "irepa" else {})}
+        options = {"z_dims": [encoder.embed_dim], **({"projector_type": "conv"} if variant.method == "irepa" else {}),
+                   **({"cls_token_dim": encoder.embed_dim} if variant.method == "reg" else {})}
     else:
         options = {"z_dims": [], "ap_head": True}
     model, kw = build(name, {**overrides, **options}, variant.kernels, device)
@@ -195,6 +226,13 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
         objective = ERW(model, FlowMatching(), [encoder], warmup_steps=10**9, lambda_c0=1.0,
                         l2r_depth=min(ERW_L2R_DEPTH, max(1, kw["depth"] - 1)), encoder_names=[enc_type],
                         resolution=resolution)
+    elif variant.method in ("haste", "haste-after-stop"):  # after the stop: every timed step past it
+        blocks, enc_blocks = haste_blocks(kw["depth"], encoder)
+        objective = HASTE(model, FlowMatching(), [encoder], stop_step=0 if variant.method == "haste-after-stop"
+                          else 10**9, attn_blocks=blocks, encoder_blocks=enc_blocks, encoder_names=[enc_type],
+                          resolution=resolution)
+    elif variant.method == "reg":
+        objective = REG(model, FlowMatching(), [encoder], encoder_names=[enc_type], resolution=resolution)
     else:
         s, t = sra_blocks(name, kw["depth"])
         objective = SRA(model, FlowMatching(), block_out_s=s, block_out_t=t, resolution=resolution)
@@ -243,7 +281,8 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
     first_s = time.perf_counter() - t0
     times = time_calls(one_step, device, repeats, warmup)
     med = statistics.median(times)
-    flops = objective.warmup_flops(model) if variant.method == "erw-warmup" else objective.train_flops(model)
+    flops = (objective.warmup_flops(model) if variant.method == "erw-warmup" else
+             objective.plain_flops(model) if variant.method == "haste-after-stop" else objective.train_flops(model))
     peak = peak_tflops(device)
     tflops = B * flops / (med * 1e-3) / 1e12
     row = {"status": "ok", "method": variant.method, "step_ms": med, "step_ms_min": min(times),
@@ -273,8 +312,8 @@ def add_metrics(rows, matmul_tflops):
                                     if o and r["variant"] != "official" else None)
         r["speedup_vs_repa"] = r["images_per_s"] / twin["images_per_s"] if twin else None
         # the first loss is comparable within one method (the same weights, inputs and draws)
-        ref = {"repa": e, "sra": ok.get(("sra-eager", r["B"])), "irepa": ok.get(("irepa-eager", r["B"])),
-               "erw-warmup": ok.get(("erw-warmup-eager", r["B"]))}[r.get("method", "repa")]
+        method = r.get("method", "repa")
+        ref = e if method == "repa" else ok.get((f"{method}-eager", r["B"]))
         r["loss_rel_diff_vs_eager"] = (abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
                                        if ref else None)
     return rows

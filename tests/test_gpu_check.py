@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_check as gc  # noqa: E402
 
-STEP_NAMES = ["setup", "kernel-tests", "train-b64-core", "train-b64-rest", "train-b32", "kernels", "sample",
+STEP_NAMES = ["setup", "kernel-tests", "train-b64-core", "train-b64-rest", "train-b64-family", "train-b32", "kernels", "sample",
               "torchrun", "sync-test"]
 
 
@@ -76,6 +76,10 @@ def test_bench_steps_hold_the_suites_rows(dry):
     rest = {r["variant"]: r for r in steps["train-b64-rest"]["bench"]["rows"]}
     assert {v: r["status"] for v, r in rest.items() if v != "eager+fused-adamw"} == {  # iREPA's and ERW's plumbing
         "irepa": "skipped", "irepa-eager": "ok", "erw-warmup": "skipped", "erw-warmup-eager": "ok"}
+    family = {r["variant"]: r for r in steps["train-b64-family"]["bench"]["rows"]}  # HASTE's and REG's plumbing
+    assert {v: r["status"] for v, r in family.items()} == {
+        "haste": "skipped", "haste-eager": "ok", "haste-after-stop": "skipped", "haste-after-stop-eager": "ok",
+        "reg": "skipped", "reg-eager": "ok"}
     b32 = {r["variant"]: r for r in steps["train-b32"]["bench"]["rows"]}
     assert "compile" in steps["train-b32"]["dry_run_changes"]  # left out on the CPU, and it says so
     assert b32["eager+fused-adamw"]["speedup_vs_official"] == pytest.approx(
