@@ -35,11 +35,13 @@ setup(
         # Optional attention backends: CUDA only, skipped cleanly without it.
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
+        # PDE forecasting data (FourierFlow): PDEBench's HDF5 files.
+        "pde": ["h5py"],
         # timm: the tests check our pos-embed resampling against timm's, which official REPA calls.
         # tensorboard: the trainer's default metrics sink when installed (tests read the events back).
         # nvidia-dali-cuda130: tests/test_dali.py checks DALI's batches against the torch loader's (CPU
         # pipelines; ~270 MB download, ~650 MB installed, ~30 s); Linux wheels only, the tests skip without it.
-        "dev": ["pytest", "pytest-benchmark", "scipy", "timm", "tensorboard",
+        "dev": ["pytest", "pytest-benchmark", "scipy", "timm", "tensorboard", "h5py",
                 "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
 )
