@@ -252,3 +252,19 @@ def test_dry_run_counts_haste_aligning_and_after_the_stop(capsys):
     assert haste["after_stop_train_gflop_per_image"] < repa["train_gflop_per_image"] - repa[
         "encoder_forward_gflop_per_image"]
     assert haste["params"] == repa["params"]
+
+
+def test_haste_two_processes_equal_one_across_the_stop(haste_run):
+    """FSDP2: after the stop the projectors get no gradient and the encoder does not run; both sides of the
+    stop equal the single process."""
+    from test_train_dist import flags, fsdp2_works_on_cpu, launch, ok
+    if not fsdp2_works_on_cpu():
+        pytest.skip("needs torch.distributed with gloo and FSDP2")
+    out = haste_run["out"] / "two"
+    keys = ("method", "attn_blocks", "attn_encoder_blocks", "align_stop_step")
+    ok(launch(flags(out, haste_run["data"], **{k: HASTE_RUN[k] for k in keys}, exp_name="h", max_grad_norm=1.0,
+                    checkpointing_steps=3, sampling_steps=6)))
+    for key in ("loss", "proj_loss", "attn_loss", "grad_norm"):
+        rows = [[json.loads(line)[key] for line in open(os.path.join(d, "metrics.jsonl"))]
+                for d in (str(out / "h"), haste_run["full"]["exp_dir"])]
+        np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5, atol=1e-7, err_msg=key)

@@ -242,3 +242,17 @@ def test_dry_run_counts_the_class_token(capsys):
     # cls_projectors2 (768 -> 1152), wg_norm (2 x 1152), final_layer.linear_cls (1152 -> 768), its pos_embed row
     assert counts["reg"]["params"] - counts["repa"]["params"] == 2 * 768 * 1152 + 1152 + 768 + 2 * 1152 + 1152
     assert counts["reg"]["train_gflop_per_image"] > counts["repa"]["train_gflop_per_image"]  # 257 tokens
+
+
+def test_reg_two_processes_equal_one(reg_run):
+    """FSDP2 with the class token's layers in the root unit: the same losses as the single process."""
+    from test_train_dist import flags, fsdp2_works_on_cpu, launch, ok
+    if not fsdp2_works_on_cpu():
+        pytest.skip("needs torch.distributed with gloo and FSDP2")
+    out = reg_run["out"] / "two"
+    ok(launch(flags(out, reg_run["data"], method="reg", exp_name="r", max_grad_norm=1.0, checkpointing_steps=3,
+                    sampling_steps=6)))
+    for key in ("loss", "proj_loss", "cls_loss", "grad_norm"):
+        rows = [[json.loads(line)[key] for line in open(os.path.join(d, "metrics.jsonl"))]
+                for d in (str(out / "r"), reg_run["full"]["exp_dir"])]
+        np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5, atol=1e-7, err_msg=key)
