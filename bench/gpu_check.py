@@ -28,6 +28,8 @@ Steps (GPU run; `--list` prints them with their budgets):
                    haste-after-stop (past --align-stop-step: no encoder, no projector), reg (REG's class token)
   train-b32        the same at B=32: all four REPA variants
   kernels          kernel suite, SiT-XL/2 shapes, B=32 and 128, bf16, fwd+bwd: Triton vs eager vs compile
+  attention        attention suite: flash / cuDNN / efficient / math SDPA (and flash-attn, xformers when
+                   installed) at SiT-XL/2's 16 x 256 x 72, B=32 and 64, bf16, fwd+bwd, and which one auto runs
   sample           sample suite, SiT-XL/2, REPA protocol (SDE 250 steps, CFG 1.8 on [0, 0.7]), B=256:
                    compile vs compile + CUDA graphs
   torchrun         torchrun --nproc_per_node=1 train.py, FSDP2 + compile + bf16, 2 steps on a tiny synthetic
@@ -578,6 +580,12 @@ def kernels_args(dry):
         "--quick (tiny shape), B=2, fp32 on the CPU; compile rows left out (a CPU torch.compile takes minutes)")
 
 
+def attention_args(dry):
+    if not dry:
+        return ["--batch-sizes", "32,64", "--dtype", "bf16", "--repeats", "20"], None
+    return ["--quick"], "--quick (2 heads x 16 tokens x 72), B=2, fp32 on the CPU"
+
+
 def sample_args(dry):
     if not dry:
         return ["--model", "SiT-XL/2", "--batch-sizes", "256", "--dtype", "bf16", "--repeats", "3",
@@ -598,6 +606,7 @@ def bench_step(suite, make_args):
 step_train = bench_step("train", train_args)
 step_kernels = bench_step("kernels", lambda name, dry: kernels_args(dry))
 step_sample = bench_step("sample", lambda name, dry: sample_args(dry))
+step_attention = bench_step("attention", lambda name, dry: attention_args(dry))
 
 
 TINY_TRAIN = ["--preset", "demo", "--hidden-size", "64", "--depth", "2", "--num-heads", "2", "--encoder-depth", "1",
@@ -693,8 +702,9 @@ STEPS = [  # name, title, budget on CUDA (s), function
     ("train-b64-rest", "train suite B=64: eager+fused-adamw, irepa, erw-warmup", 85, step_train),
     ("train-b64-family", "train suite B=64: haste, haste-after-stop, reg", 60, step_train),
     ("train-b32", "train suite B=32: all four REPA variants", 55, step_train),
-    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 35, step_kernels),
-    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 50, step_sample),
+    ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 30, step_kernels),
+    ("attention", "attention suite: each SDPA backend at head_dim 72, B=32/64, bf16, fwd+bwd", 15, step_attention),
+    ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 40, step_sample),
     ("torchrun", "torchrun train.py: FSDP2 + compile + bf16, DCP save, auto-resume", 40, step_torchrun),
     ("sync-test", "host syncs of a CUDA step (tests/test_train.py)", 20, step_sync_test),
 ]
@@ -899,6 +909,24 @@ def kernels_section(record, dry):
     return lines
 
 
+def attention_section(record):
+    s = next((s for s in record["steps"] if s["name"] == "attention" and s.get("bench")), None)
+    if not s:
+        return []
+    rows, sh = s["bench"]["rows"], s["bench"].get("shape") or {}
+    lines = [f"## Attention: SDPA backends at H x T x hd = {sh.get('heads')} x {sh.get('tokens')} x {sh.get('head_dim')}, "
+             "fwd+bwd ms (TFLOP/s, max |err| vs fp32)", ""]
+    for B in sorted({r["B"] for r in rows}):
+        mine = [r for r in rows if r["B"] == B]
+        ok = [f"{r['backend']} {fmt(r['ms'], '.4g')} ({rate(r.get('TFLOP_per_s'))}, {fmt(r.get('max_abs_err'), '.2g')})"
+              for r in mine if r["status"] == "ok"]
+        other = [f"{r['backend']} {r['status']}" for r in mine if r["status"] != "ok"]
+        auto = next((r for r in mine if r["backend"] == "auto"), {})
+        lines.append(f"- B={B}: " + "; ".join(ok) + (f"; auto runs {'/'.join(auto.get('auto_is') or ['?'])}")
+                     + (f"; not run: {', '.join(other)}" if other else ""))
+    return lines + [""]
+
+
 def sample_section(record):
     s = next((s for s in record["steps"] if s["name"] == "sample" and s.get("bench")), None)
     if not s:
@@ -996,7 +1024,8 @@ def render_summary(record):
     out += [f"- dry run, {s['name']}: {s['dry_run_changes']}" for s in record["steps"] if s.get("dry_run_changes")]
     out += [f"- {s['name']}: {n}" for s in record["steps"] for n in s.get("notes", [])]
     out.append("")
-    out += train_section(record) + kernels_section(record, dry) + sample_section(record) + dist_section(record)
+    out += train_section(record) + kernels_section(record, dry) + attention_section(record) + sample_section(record)
+    out += dist_section(record)
     fails = [s for s in record["steps"] if s["name"] in ("kernel-tests", "sync-test") and s["results"].get("failures")]
     for s in fails:
         out += [f"## {s['name']}: failures", ""] + [f"- {f}" for f in s["results"]["failures"][:20]] + [""]

@@ -1,4 +1,4 @@
-"""fastrepa benchmarks: `python bench/run.py [--suite kernels|train|sample|data|all] [--quick] ...`
+"""fastrepa benchmarks: `python bench/run.py [--suite kernels|train|sample|data|attention|all] [--quick] ...`
 
 Runs the chosen suites on this machine (CUDA when available, else the CPU), prints a table per suite
 and writes bench/results/<device>-<date>.json and .md (see bench/results/README.md).
@@ -28,12 +28,14 @@ import kernels_suite  # noqa: E402
 import sample_suite  # noqa: E402
 import train_suite  # noqa: E402
 import data_suite  # noqa: E402
+import attention_suite  # noqa: E402
 
 SUITES = {
     "kernels": kernels_suite.run,
     "sample": sample_suite.run,
     "train": train_suite.run,
     "data": data_suite.run,
+    "attention": attention_suite.run,
 }
 PLANNED = {}  # name -> why it is not built yet (none today)
 # Fields run.py adds to every suite's result unless the suite set them itself (the sample suite times

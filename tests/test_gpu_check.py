@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import gpu_check as gc  # noqa: E402
 
-STEP_NAMES = ["setup", "kernel-tests", "train-b64-core", "train-b64-rest", "train-b64-family", "train-b32", "kernels", "sample",
-              "torchrun", "sync-test"]
+STEP_NAMES = ["setup", "kernel-tests", "train-b64-core", "train-b64-rest", "train-b64-family", "train-b32", "kernels",
+              "attention", "sample", "torchrun", "sync-test"]
 
 
 def _env():
@@ -87,6 +87,9 @@ def test_bench_steps_hold_the_suites_rows(dry):
     kern = steps["kernels"]["bench"]
     assert kern["ops"] == gc.KERNEL_OPS and kern["modes"] == ["fwd+bwd"]
     assert {r["impl"]: r["status"] for r in kern["rows"]} == {"eager": "ok", "triton": "skipped"}
+    att = {r["backend"]: r for r in steps["attention"]["bench"]["rows"]}
+    assert att["math"]["status"] == att["auto"]["status"] == "ok" and att["auto"]["auto_is"]  # what auto ran
+    assert att["flash_attn"]["status"] == "skipped" and att["auto"]["max_abs_err"] < 1e-5
     sample = {r["variant"]: r for r in steps["sample"]["bench"]["rows"]}
     assert sample["eager"]["status"] == "ok" and sample["cuda-graphs"]["status"] == "skipped"
     runs = steps["torchrun"]["results"]["runs"]
@@ -98,7 +101,7 @@ def test_bench_steps_hold_the_suites_rows(dry):
 def test_summary_has_every_section(dry):
     md = dry["md"]
     assert md.startswith("# fastrepa GPU check: ") and "DRY RUN" in md
-    for section in ("## Steps", "## Train step:", "## Kernels:", "## Sampling:", "## torchrun train.py",
+    for section in ("## Steps", "## Train step:", "## Kernels:", "## Attention:", "## Sampling:", "## torchrun train.py",
                     "host-sync test", "versions: torch " + torch.__version__, "install: "):
         assert section in md, section
     for name in STEP_NAMES:
@@ -120,6 +123,7 @@ def test_logs_tarball_has_every_step(dry):
 def test_the_gpu_plan_is_valid_for_the_bench_and_fits_the_time():
     """What the dry run cannot run (the CUDA command lines) is checked against the bench's own parser and
     registries, so a renamed variant, op, shape or flag fails here, not on the GPU."""
+    import attention_suite
     import run as bench_run
     import kernels_suite
     import sample_suite
@@ -140,6 +144,8 @@ def test_the_gpu_plan_is_valid_for_the_bench_and_fits_the_time():
     names, (shapes, modes, impls) = kernels_suite.check_args(args)
     assert set(names) == set(kernels_suite.OPS) and shapes == ["SiT-XL/2"] and modes == ["fwd+bwd"]
     assert impls == list(kernels_suite.IMPLS) and args.batch_sizes == kernels_suite.CUDA_BATCH_SIZES
+    args = parser.parse_args(["--suite", "attention", *gc.attention_args(dry=False)[0]])
+    assert args.batch_sizes == attention_suite.CUDA_BATCH_SIZES
     args = parser.parse_args(["--suite", "sample", *gc.sample_args(dry=False)[0]])
     assert sample_suite.check_args(args) == ["compile", "cuda-graphs"] and args.batch_sizes == [256]
     for dry_args in ([gc.train_args(n, True)[0] for n in gc.TRAIN_VARIANTS], [gc.kernels_args(True)[0]],
