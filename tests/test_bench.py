@@ -203,7 +203,9 @@ def test_suite_all_runs_every_suite(tmp_path):
     assert "not built yet" not in proc.stdout
     (jpath,) = tmp_path.glob("*.json")
     suites = json.loads(jpath.read_text())["suites"]
-    assert set(suites) == {"kernels", "sample", "train", "data"}
+    assert set(suites) == {"kernels", "sample", "train", "data", "attention"}
+    att = {r["backend"]: r for r in suites["attention"]["rows"]}
+    assert att["auto"]["status"] == att["math"]["status"] == "ok" and att["auto"]["auto_is"]
     assert all("skipped_suites" not in suite for suite in suites.values())
     (row,) = suites["train"]["rows"]
     assert row["variant"] == "eager" and row["status"] == "ok" and row["steps_run"] > 1
