@@ -145,6 +145,16 @@ def class_token_velocity(denoise, latent_shape, n: int, cfg_scale: float, cls_cf
     return velocity
 
 
+def initial_noise(model, n: int, generator: torch.Generator, device=None) -> dict:
+    """{"z": [n, *latent_shape]} of standard normals from `generator`, and for a REG model "cls_z" [n, d] after
+    them: the keyword arguments of `sample_latents` besides the labels."""
+    out = {"z": torch.randn(n, *model.latent_shape, generator=generator).to(device)}
+    cls_dim = getattr(unwrap(model), "cls_token_dim", 0)
+    if cls_dim:
+        out["cls_z"] = torch.randn(n, cls_dim, generator=generator).to(device)
+    return out
+
+
 def sample_latents(model, z, y, *, mode: str = "ode", num_steps: int = 50, cfg_scale: float = 1.0,
                    guidance_low: float = 0.0, guidance_high: float = 1.0, heun: bool = False,
                    path_type: str = "linear", generators=None, denoise=None, guided_channels: int | None = 3,

@@ -5,6 +5,14 @@ import torch
 import torch.nn as nn
 
 
+def xavier_linear_init(module: nn.Module) -> None:
+    """SiT/DiT's basic init, for `model.apply`: xavier-uniform Linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     """The MAE/SiT fixed table [grid_size**2, dim] in float64.
 

@@ -23,15 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastrepa.attention import attention
-from fastrepa.models.embed import TimestepEmbedder
+from fastrepa import kernels as K
+from fastrepa.models.embed import TimestepEmbedder, xavier_linear_init
 from fastrepa.models.pde_blocks import AFNO2D, BranchGate, SalientAttention
 
 # size -> (hidden, heads, spatial blocks, temporal blocks, AFNO blocks)
 PDE_SIZES = {"S": (128, 4, 4, 2, 2), "B": (256, 8, 6, 3, 6), "XL": (512, 8, 6, 3, 6)}
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class Mlp(nn.Module):
@@ -62,7 +59,10 @@ class CrossAttention(nn.Module):
 
 
 class PDEBlock(nn.Module):
-    """adaLN-zero block (time only) around salient attention and an MLP: x [N, T, D], c [N, D]."""
+    """adaLN-zero block (time only) around salient attention and an MLP: x [N, T, D], c [N, D]; the norms,
+    modulations and gated residuals through `fastrepa.kernels`, as SiT's."""
+
+    eps = 1e-6
 
     def __init__(self, dim, heads, grid, depth, mlp_ratio=4.0, periodic=True, **attn):
         super().__init__()
@@ -72,8 +72,9 @@ class PDEBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift_mlp, scale_mlp))
+        h = K.layernorm_modulate(x, shift_msa, scale_msa, self.eps)
+        x, h = K.gated_residual_layernorm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp, self.eps)
+        return K.gated_residual(x, gate_mlp, self.mlp(h))
 
 
 class AFNOBlock(nn.Module):
@@ -129,12 +130,7 @@ class PDEDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        self.apply(_basic_init)
+        self.apply(xavier_linear_init)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in [*self.spatial_blocks, *self.temporal_blocks]:

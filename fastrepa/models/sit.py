@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fastrepa import kernels as K
 from fastrepa.attention import attention, attention_logits
-from fastrepa.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from fastrepa.models.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, xavier_linear_init
 
 
 class Attention(nn.Module):
@@ -226,13 +226,7 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        self.apply(xavier_linear_init)
         grid = self.x_embedder.grid_size
         table = sincos_pos_embed_2d(self.pos_embed.shape[-1], grid).float()
         if self.cls_token_dim:  # REG: a zero row in front, for the class token

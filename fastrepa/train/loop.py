@@ -126,13 +126,11 @@ def sample_grid(ema, vae, cfg: TrainConfig, device, path: str | None, n: int = 1
     generate.py samples that backbone (SiT: Euler ODE; DiT: DDPM respaced to --sample-num-steps), with CFG
     --sample-cfg-scale. Under FSDP2 every rank runs the sampler (the EMA is sharded); only the caller with a
     `path` writes."""
-    from fastrepa.generation import default_mode, sample_latents
-    g = torch.Generator().manual_seed(cfg.seed)
-    z = torch.randn(n, *ema.latent_shape, generator=g).to(device)
+    from fastrepa.generation import default_mode, initial_noise, sample_latents
+    noise = initial_noise(ema, n, torch.Generator().manual_seed(cfg.seed), device)
     y = (torch.arange(n) % ema.num_classes).to(device)
-    cls_z = torch.randn(n, ema.cls_token_dim, generator=g).to(device) if ema.cls_token_dim else None  # REG
-    x = sample_latents(ema, z, y, mode=default_mode(ema), num_steps=cfg.sample_num_steps,
-                       cfg_scale=cfg.sample_cfg_scale, path_type=cfg.objective.path_type, cls_z=cls_z)
+    x = sample_latents(ema, y=y, mode=default_mode(ema), num_steps=cfg.sample_num_steps,
+                       cfg_scale=cfg.sample_cfg_scale, path_type=cfg.objective.path_type, **noise)
     if path is not None:
         save_grid(decode_to_uint8(vae, x.float(), cfg.data.latents_scale, cfg.data.latents_bias), path,
                   nrow=min(n, ema.num_classes))
