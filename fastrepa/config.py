@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
-from fastrepa.models import MODEL_NAMES, PROJECTOR_TYPES, erw_rope, family_of, model_kwargs
+from fastrepa.models import MODEL_NAMES, PDE_FAMILY, PROJECTOR_TYPES, erw_rope, family_of, model_kwargs
+from fastrepa.models.pde_blocks import LAMBDA_MODES
 from fastrepa.objectives import METHODS, PATH_TYPES, PREDICTIONS, WEIGHTINGS, method_model_options
 from fastrepa.objectives.erw import HALF_LIFE, check_erw, default_lambda_c0
 from fastrepa.objectives.haste import ATTN_BLOCKS, ATTN_ENCODER_BLOCKS, STOP_STEP, check_haste, parse_blocks
@@ -55,7 +56,8 @@ def _need(cond: bool, name: str, value, expected: str):
 class ModelConfig:
     model: str = flag("SiT-XL/2", "model name", choices=MODEL_NAMES)
     num_classes: int = flag(1000, "number of classes (the null class for CFG is this index)")
-    encoder_depth: int = flag(8, "block (1-based) whose output the projectors align")
+    encoder_depth: int | None = flag(None, "block (1-based) whose output the projectors align (default 8; 4, a "
+                                           "spatial block, for PDE-DiT as FourierFlow)")
     projector_dim: int = flag(2048, "hidden width of the alignment projector")
     qk_norm: bool = flag(False, "LayerNorm on q and k per head (keys attn.q_norm / attn.k_norm)")
     fused_attn: bool = flag(True, "fused attention (sdpa); --no-fused-attn uses the explicit math reference")
@@ -80,6 +82,11 @@ class ModelConfig:
     num_heads: int | None = flag(None, "override the number of heads")
     mlp_ratio: float | None = flag(None, "override the MLP ratio")
     class_dropout_prob: float | None = flag(None, "label dropout probability (default 0.1)")
+    # PDE-DiT (FourierFlow)
+    num_frames: int = flag(4, "PDE-DiT: condition frames = target frames per window (FourierFlow: 4)")
+    lambda_mode: str = flag("learned", "PDE-DiT salient attention's lambda: learned (DIFF Transformer's "
+                                       "reparametrisation) or fixed (lambda_init of the block's depth)",
+                            choices=LAMBDA_MODES)
 
     def __post_init__(self):
         _need(self.model in MODEL_NAMES, "model", self.model, f"one of {', '.join(MODEL_NAMES)}")
@@ -90,6 +97,15 @@ class ModelConfig:
               f"one of {ROPE_PAIRS}")
         self.rope, pairs = erw_rope(self.rope, self.rope_pairs, self.use_rope or None)
         self.rope_pairs = pairs or "half"
+        if self.encoder_depth is None:
+            self.encoder_depth = 4 if self.pde else 8
+        _need(self.num_frames >= 1, "num_frames", self.num_frames, "a positive integer")
+        _need(self.lambda_mode in LAMBDA_MODES, "lambda_mode", self.lambda_mode, f"one of {LAMBDA_MODES}")
+
+    @property
+    def pde(self) -> bool:
+        """A PDE-DiT model (FourierFlow's fields), not an image backbone."""
+        return family_of(self.model) == PDE_FAMILY
 
     def backend(self) -> str:
         if self.attn_backend != "sdpa":
@@ -104,14 +120,18 @@ class ObjectiveConfig:
                                "EMA model, no encoder), erw (a warmup of the first blocks on the encoder's "
                                "features, then REPA with a decaying weight), haste (REPA plus attention-map "
                                "alignment, both stopped at --align-stop-step) or reg (REPA plus a denoised "
-                               "class token carrying the encoder's class feature)",
+                               "class token carrying the encoder's class feature) on images; fourierflow (flow-"
+                               "matching forecasts of PDE fields aligned to a frozen ViViT, with a PDE-DiT model "
+                               "and a PDEBench HDF5 file as --data-dir)",
                        choices=tuple(METHODS))
     path_type: str = flag("linear", "interpolant", choices=PATH_TYPES)
     prediction: str = flag("v", "model prediction target", choices=PREDICTIONS)
     weighting: str = flag("uniform", "time sampling", choices=WEIGHTINGS)
     proj_coeff: float | None = flag(None, "weight of the alignment (projection) loss (default 0.5; 1.0 for "
-                                          "--method irepa, as iREPA)")
-    enc_type: str = flag("dinov2-vit-b", "representation encoder(s), comma-separated; 'none' trains plain SiT")
+                                          "--method irepa, as iREPA; 1e-4 for --method fourierflow, as FourierFlow)")
+    enc_type: str | None = flag(None, "representation encoder(s), comma-separated; 'none' trains without "
+                                      "alignment (default dinov2-vit-b; vivit, FourierFlow's MAE ViViT from "
+                                      "--enc-path, for --method fourierflow)")
     enc_path: str = flag("", "the encoders' weight files, comma-separated in --enc-type order (an empty entry: "
                              "the default places, the torch hub cache or ckpts/ as official REPA names them)")
     cfg_prob: float = flag(0.1, "accepted for compatibility; as in official REPA it is unused "
@@ -163,7 +183,9 @@ class ObjectiveConfig:
         _need(self.prediction in PREDICTIONS, "prediction", self.prediction, f"one of {PREDICTIONS}")
         _need(self.weighting in WEIGHTINGS, "weighting", self.weighting, f"one of {WEIGHTINGS}")
         if self.proj_coeff is None:
-            self.proj_coeff = 1.0 if self.method == "irepa" else 0.5
+            self.proj_coeff = {"irepa": 1.0, "fourierflow": 1e-4}.get(self.method, 0.5)
+        if self.enc_type is None:
+            self.enc_type = "vivit" if self.method == "fourierflow" else "dinov2-vit-b"
         _need(self.proj_coeff >= 0, "proj_coeff", self.proj_coeff, "a number >= 0")
         if self.spnorm_method is None:
             self.spnorm_method = "zscore" if self.method == "irepa" else "none"
@@ -219,6 +241,9 @@ class DataConfig:
                            "Face cache), a local AutoencoderKL folder, or identity (pixel-space demo data)")
     latents_scale: float = flag(0.18215, "latent scale (SD-VAE: 0.18215)")
     latents_bias: float = flag(0.0, "latent bias")
+    pde_reduce: int = flag(1, "PDE data: keep every N-th grid point per axis (FourierFlow: 4, 512 -> 128)")
+    test_fraction: float = flag(0.1, "PDE data: the fraction of trajectories held out for evaluation (a seeded "
+                                     "split by --seed, recorded in the checkpoint)")
     num_workers: int = flag(4, "data loader worker processes (torch) or CPU threads (DALI)")
     data_loader: str = flag("auto", "torch (DataLoader, both layouts), dali (packed layout; GPU JPEG decode), or "
                                     "auto (dali for a packed dataset on CUDA when DALI is installed, else torch)",
@@ -229,6 +254,8 @@ class DataConfig:
         _need(self.vae in VAES or os.path.isdir(self.vae) or self.vae.count("/") == 1, "vae", self.vae,
               f"one of {VAES}, a local AutoencoderKL folder or a Hugging Face repo id")
         _need(self.latents_scale > 0, "latents_scale", self.latents_scale, "a number > 0")
+        _need(self.pde_reduce >= 1, "pde_reduce", self.pde_reduce, "a positive integer")
+        _need(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "a number in (0, 1)")
         _need(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         _need(self.data_loader in DATA_LOADERS, "data_loader", self.data_loader, f"one of {DATA_LOADERS}")
 
@@ -324,6 +351,14 @@ class TrainConfig:
                   self.model.projection_layer_type, "mlp for --method reg (the class token is not on the grid)")
             _need(not self.model.rope, "rope", self.model.rope, "False for --method reg (the class token is not "
                                                                  "on the RoPE grid)")
+        fourier = self.objective.method == "fourierflow"
+        _need(fourier == self.model.pde, "model", self.model.model,
+              f"a {PDE_FAMILY} model for --method fourierflow" if fourier else
+              f"an image backbone (SiT or DiT) for --method {self.objective.method}; {PDE_FAMILY} trains with "
+              "--method fourierflow")
+        if fourier:
+            _need(self.objective.encoders in ([], ["vivit"]), "enc_type", self.objective.enc_type,
+                  "vivit (FourierFlow's MAE ViViT, with --enc-path) or none for --method fourierflow")
         if self.objective.method in ("erw", "haste", "reg"):
             _need(bool(self.objective.encoders), "enc_type", self.objective.enc_type,
                   f"an encoder for --method {self.objective.method}")
@@ -360,6 +395,13 @@ class TrainConfig:
     def model_overrides(self) -> dict:
         """Constructor arguments for `build_model(self.model.model, **...)` (z_dims is the caller's)."""
         m = self.model
+        if m.pde:
+            kw = dict(num_frames=m.num_frames, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
+                      attn_backend=m.backend(), lambda_mode=m.lambda_mode)
+            for name in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio"):
+                if getattr(m, name) is not None:
+                    kw[name] = getattr(m, name)
+            return kw
         kw = dict(num_classes=m.num_classes, encoder_depth=m.encoder_depth, projector_dim=m.projector_dim,
                   qk_norm=m.qk_norm, attn_backend=m.backend(), kernels=m.kernels, rope=m.rope, rope_pairs=m.rope_pairs,
                   projector_type=m.projection_layer_type or ("conv" if self.objective.method == "irepa" else "mlp"),
@@ -383,6 +425,14 @@ PRESETS = {
                  max_train_steps=1200, checkpointing_steps=600, sampling_steps=600, log_every=100,
                  num_workers=0, mixed_precision="bf16", exp_name="demo", output_dir="runs",
                  data_dir="runs/demo-data", sample_num_steps=50, sample_cfg_scale=4.0),
+    # FourierFlow on the CPU: a small PDE-DiT forecasting the synthetic shallow-water file of
+    # `python -m fastrepa.data.pde synth runs/pde-demo.h5 --num 48 --size 16` (no encoder: FourierFlow's MAE
+    # ViViT has no public weights; add --enc-type vivit --enc-path FILE to align). About a minute on 2 cores.
+    "pde-demo": dict(method="fourierflow", model="PDE-DiT-S/4", input_size=16, hidden_size=64, num_heads=2, depth=2,
+                     enc_type="none", batch_size=8, learning_rate=2e-3, ema_decay=0.99, max_train_steps=1200,
+                     checkpointing_steps=600, sampling_steps=600, log_every=200, test_fraction=0.25,
+                     num_workers=0, mixed_precision="no", exp_name="pde-demo", output_dir="runs",
+                     data_dir="runs/pde-demo.h5"),
 }
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, load_weights, normalize_keys, select_weights
 from fastrepa.io import atomic_open
-from fastrepa.models import OVERRIDES, build_model, erw_rope, family_of, unwrap
+from fastrepa.models import PDE_FAMILY, PDE_OVERRIDES, build_model, erw_rope, family_of, overrides_of, unwrap
 from fastrepa.sampling import euler_maruyama_sampler, euler_sampler
 from fastrepa.rng import index_generator, index_generators
 from fastrepa.vae import decode_to_uint8
@@ -63,9 +63,19 @@ def model_from_checkpoint(path: str, weights: str = "ema", overrides: dict | Non
     args = dict(ckpt.get("args") or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.pop("model", None) or args.get("model")
+    if name and family_of(name) == PDE_FAMILY:  # PDE-DiT: its own options, no family check by weights
+        kw = {k: args[k] for k in PDE_OVERRIDES if k != "attn_backend" and args.get(k) is not None}
+        kw.update(overrides)
+        sd = normalize_keys(select_weights(ckpt, weights, source=path), 0)
+        kw["z_dims"] = projector_options(sd)["z_dims"]
+        kw.update({k: v for k, v in projector_options(sd).items() if k == "projector_dim"})
+        model = build_model(name, **kw)
+        load_weights(model, sd, source=f"{path} [{weights}]")
+        return model.eval(), args
     # The attention backend and the fused-op implementation are this machine's choice (overrides), not
     # the training run's.
-    kw = {k: args[k] for k in OVERRIDES if k not in ("attn_backend", "kernels") and args.get(k) is not None}
+    kw = {k: args[k] for k in overrides_of(name or "SiT-XL/2") if k not in ("attn_backend", "kernels")
+          and args.get(k) is not None}
     if "input_size" not in kw and args.get("resolution"):
         kw["input_size"] = int(args["resolution"]) // 8
     if args.get("use_rope"):  # ERW's args: its RoPE, with EVA-02's interleaved pairs

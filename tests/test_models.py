@@ -43,7 +43,11 @@ def test_xl2_state_dict_has_the_official_298_keys():
 def test_every_registry_name_builds_including_the_small_size():
     for name in MODEL_NAMES:
         m = meta_model(name)
-        assert m.blocks[0].attn.qkv.in_features == {"S": 384, "B": 768, "L": 1024, "XL": 1152}[name[4:].split("/")[0]]
+        size = name.split("-")[-1].split("/")[0]
+        if name.startswith("PDE-DiT"):  # FourierFlow's widths and spatial depths
+            assert (m.hidden_size, len(m.spatial_blocks)) == {"S": (128, 4), "B": (256, 6), "XL": (512, 6)}[size]
+            continue
+        assert m.blocks[0].attn.qkv.in_features == {"S": 384, "B": 768, "L": 1024, "XL": 1152}[size]
     s = meta_model("SiT-S/2")
     assert s.final_layer.linear.in_features == 384 and s.projectors[0][0].in_features == 384
 

@@ -70,6 +70,21 @@ def open_dataset(path: str, verify: bool = False):
                             f"and python -m fastrepa.data.pack")
 
 
+def open_training_data(cfg):
+    """The dataset a TrainConfig trains on: for a PDE-DiT model the train windows of the PDEBench HDF5 file
+    --data-dir (fastrepa.data.pde.PDETrainWindows: --pde-reduce, --num-frames, --test-fraction, --seed), else
+    the image dataset folder (`open_dataset`), its labels checked against --num-classes."""
+    if cfg.model.pde:
+        from fastrepa.data.pde import PDETrainWindows
+        from fastrepa.models import model_kwargs
+        patch = model_kwargs(cfg.model.model, **cfg.model_overrides(), z_dims=[])["patch_size"]
+        return PDETrainWindows.open(cfg.data.data_dir, reduce=cfg.data.pde_reduce, patch=patch,
+                                    frames=cfg.model.num_frames, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+    dataset = open_dataset(cfg.data.data_dir)
+    check_labels(dataset, cfg.model.num_classes)
+    return dataset
+
+
 def check_labels(dataset, num_classes: int, flag: str = "--num-classes") -> None:
     """Raise ValueError unless every label of `dataset` (REPAFolderDataset or PackedDataset) is a class of a
     model with `num_classes` classes: 0 <= label < num_classes (index num_classes is the model's null
@@ -101,7 +116,7 @@ class DictLoader:
 
     def __iter__(self):
         for tensors in self.loader:
-            yield as_batch(*tensors)
+            yield tensors if isinstance(tensors, dict) else as_batch(*tensors)
 
     def __len__(self):
         return len(self.loader)

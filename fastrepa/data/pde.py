@@ -290,6 +290,58 @@ class PDEWindows(torch.utils.data.Dataset):
         return {"cond": frames[:self.cond], "target": frames[self.cond:], "trajectory": traj, "start": start}
 
 
+class PDETrainWindows(PDEWindows):
+    """The train split's windows of one PDE file as the trainer reads them, carrying what evaluation must
+    reuse: the split and the normaliser (fitted on the train trajectories only). `state_dict()` is that record
+    (plain JSON: it goes into the checkpoint's train state and the exported .pt); `check_state(saved)` refuses
+    a resume whose file, reduction, frames, split or normaliser differ."""
+
+    def __init__(self, data: PDEData, split: Split, normalizer: Normalizer, frames: int):
+        super().__init__(data, split.train, normalizer, cond=frames, target=frames)
+        self.split = split
+
+    @classmethod
+    def open(cls, path: str, *, reduce: int = 1, patch: int = 1, frames: int = 4, test_fraction: float = 0.1,
+             seed: int = 0) -> "PDETrainWindows":
+        data = PDEData.open(path, reduce, patch)
+        split = Split.make(data.num_trajectories, test_fraction, seed)
+        return cls(data, split, Normalizer.fit(data.fields, split.train), frames)
+
+    def state_dict(self) -> dict:
+        return {"kind": "pde", "path": os.path.abspath(self.data.path), "reduce": self.data.reduce,
+                "frames": self.cond, "size": list(self.data.size), "num_steps": self.data.num_steps,
+                "variables": list(VARIABLES), "split": self.split.state_dict(), "normalizer": self.norm.state_dict()}
+
+    def check_state(self, saved: dict, where: str) -> None:
+        now = self.state_dict()
+        for key in ("reduce", "frames", "size", "num_steps", "split", "normalizer"):
+            if key in saved and saved[key] != now[key]:
+                raise PDEDataError(f"cannot resume {where}: its PDE data {key} is {_short(saved[key])}, but "
+                                   f"--data-dir {self.data.path} (with --pde-reduce, --num-frames, --test-fraction, "
+                                   f"--seed) gives {_short(now[key])}; train on the same file and flags, or start "
+                                   "a new --exp-name")
+
+
+def _short(v, n: int = 120) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def evaluation_data(state: dict, path: str | None = None) -> tuple[PDEData, Split, Normalizer]:
+    """The PDE file (`path`, default the recorded one), split and normaliser a checkpoint's data record
+    (`PDETrainWindows.state_dict()`) names; the file must still have the recorded size and trajectories."""
+    if not state or state.get("kind") != "pde":
+        raise PDEDataError("the checkpoint records no PDE data (split and normaliser): not a --method "
+                           "fourierflow checkpoint of this trainer")
+    path = path or state["path"]
+    data = PDEData.open(path, int(state["reduce"]))
+    if list(data.size) != list(state["size"]):
+        raise PDEDataError(f"{path}: fields of {list(data.size)} after --pde-reduce {state['reduce']}, but the "
+                           f"checkpoint was trained on {state['size']}")
+    split = Split.from_state_dict(state["split"], data.num_trajectories)
+    return data, split, Normalizer.from_state_dict(state["normalizer"])
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
@@ -326,5 +378,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["COORDINATES", "Normalizer", "PDEData", "PDEDataError", "PDEWindows", "Split", "VARIABLES", "main",
+__all__ = ["COORDINATES", "Normalizer", "PDEData", "PDEDataError", "PDETrainWindows", "PDEWindows", "Split",
+           "evaluation_data", "VARIABLES", "main",
            "simulate", "write_pde_file"]

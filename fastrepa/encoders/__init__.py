@@ -46,6 +46,7 @@ SUPPORTED = tuple([f"dinov2-vit-{x}" for x in _DINOV2] + [f"dinov2-vit-{x}-reg" 
 # REPA's spelling -> ours (both accepted everywhere a name is; encoders report the canonical name)
 ALIASES = {f"dinov2reg-vit-{x}": f"dinov2-vit-{x}-reg" for x in _DINOV2}
 EMBEDDED = ("patch-pixels",)
+FIELD_ENCODERS = ("vivit",)  # encoders of PDE fields [B, F, C, H, W] (FourierFlow's MAE ViViT), not images
 
 
 class EncoderWeightsError(ValueError):
@@ -401,8 +402,17 @@ def load_encoder(enc_type: str, path=None, resolution: int = 256, grid: int | No
         enc = _build(enc_type, path, resolution, random_init)
         if grid is not None:
             check_grid(enc, grid * grid)
+    elif enc_type == "vivit":
+        from fastrepa.encoders.vivit import ViViTEncoder, load_vivit
+        if random_init:  # FourierFlow's released sizes
+            enc = ViViTEncoder(num_patches=grid * grid if grid else 256)
+        elif not path:
+            raise ValueError("--enc-type vivit needs --enc-path: FourierFlow's MAE ViViT checkpoint "
+                             "(model_state_dict['encoder.*']); it has no default place")
+        else:
+            enc = load_vivit(path)  # its frames, variables and tokens are checked against the model by the objective
     else:
-        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + SUPPORTED)} (and REPA's "
+        raise ValueError(f"unknown encoder {enc_type!r}; known: {', '.join(EMBEDDED + SUPPORTED + FIELD_ENCODERS)} (and REPA's "
                          f"spellings {', '.join(ALIASES)})")
     return _frozen(enc)
 

@@ -82,6 +82,19 @@ class ViViTEncoder(FrozenEncoder):
         self.temporal_transformer = _Transformer(dim, depth, heads)
         self.layer_norm = nn.LayerNorm(dim)
 
+    def forward_flops(self) -> int:
+        """2 x the multiply-accumulates of one sample's forward (linear layers, scores, weighted values)."""
+        Fr, n, D, p = self.frames, self.num_tokens, self.embed_dim, self.patch
+        macs = Fr * n * p * p * self.channels * D
+        for tr, groups, tokens in ((self.space_transformer, Fr, n), (self.temporal_transformer, n, Fr)):
+            for attn, ff in tr.layers:
+                a = attn.fn
+                inner = a.heads * a.dim_head
+                lin = sum(m.in_features * m.out_features for m in (*attn.modules(), *ff.modules())
+                          if isinstance(m, nn.Linear))
+                macs += groups * tokens * lin + groups * 2 * tokens * tokens * inner
+        return 2 * macs
+
     @torch.no_grad()
     def forward(self, fields):
         B, Fr, C, H, W = fields.shape

@@ -18,6 +18,10 @@ the same interface, so nothing outside fastrepa/models touches a block's attribu
     model.cls_token_dim           REG's class token width (0: none); such a model takes and returns it
     model.fsdp_units()            the modules wrapped one by one (FSDP2, per-unit compile, checkpointing)
     model.forward_flops(depth)    matmul FLOPs of one forward of one sample (up to block `depth`)
+
+The `PDE-DiT-<S|B|XL>/<patch>` family (fastrepa.models.pde_dit, FourierFlow's forecaster) is the one
+non-image family: its own sizes and options (`PDE_OVERRIDES`), `model(x, t, cond)` on [B, F, C, H, W]
+fields, no labels (`null_class` None) and `modality = "fields"` (the image families have none: "images").
 """
 from torch import nn
 
@@ -25,6 +29,8 @@ from fastrepa.attention import BACKENDS
 from fastrepa.kernels._dispatch import IMPLS
 from fastrepa.kernels.qk_norm_rope import ROPE_PAIRS
 from fastrepa.models.dit import DiT
+from fastrepa.models.pde_blocks import LAMBDA_MODES
+from fastrepa.models.pde_dit import PDE_SIZES, PDEDiT
 from fastrepa.models.sit import SiT
 
 # size -> (depth, hidden_size, num_heads), shared by SiT and DiT. S is fixed here: upstream SiT's width
@@ -39,7 +45,14 @@ FAMILIES = {
     "DiT": (DiT, dict(z_dims=[])),
 }
 PROJECTOR_TYPES = ("mlp", "conv")  # REPA's MLP, iREPA's convolution over the token grid
-MODEL_NAMES = tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in PATCHES)
+PDE_FAMILY = "PDE-DiT"
+PDE_PATCHES = (4, 8, 16)
+MODEL_NAMES = (tuple(f"{fam}-{s}/{p}" for fam in FAMILIES for s in SIZES for p in PATCHES)
+               + tuple(f"{PDE_FAMILY}-{s}/{p}" for s in PDE_SIZES for p in PDE_PATCHES))
+# PDE-DiT's constructor options (`depth` is its number of spatial blocks, as FourierFlow's `depth`)
+PDE_OVERRIDES = ("input_size", "patch_size", "in_channels", "num_frames", "hidden_size", "num_heads", "depth",
+                 "tem_depth", "afno_depth", "encoder_depth", "mlp_ratio", "z_dims", "projector_dim", "head_dim",
+                 "lambda_mode", "afno_blocks", "attn_backend")
 
 OVERRIDES = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
              "class_dropout_prob", "num_classes", "z_dims", "encoder_depth", "projector_dim", "qk_norm",
@@ -59,12 +72,63 @@ def family_of(name: str) -> str:
     """The family prefix of a registry name ("SiT-XL/2" -> "SiT"); unknown names fail naming the known ones."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    return name.split("-", 1)[0]
+    return PDE_FAMILY if name.startswith(PDE_FAMILY + "-") else name.split("-", 1)[0]
+
+
+def overrides_of(name: str) -> tuple[str, ...]:
+    """The constructor options a registry name's family takes."""
+    return PDE_OVERRIDES if family_of(name) == PDE_FAMILY else OVERRIDES
+
+
+def pde_model_kwargs(name: str, **overrides) -> dict:
+    """PDE-DiT's constructor arguments for `PDE-DiT-<size>/<patch>` (FourierFlow's defaults: 128x128 fields,
+    4 frames x 4 variables, projectors after spatial block 4 to 768-wide ViViT tokens)."""
+    unknown = sorted(set(overrides) - set(PDE_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown {PDE_FAMILY} option(s) {unknown}; allowed: {', '.join(PDE_OVERRIDES)}")
+    size, patch = name[len(PDE_FAMILY) + 1:].split("/")
+    hidden, heads, spa, tem, afno = PDE_SIZES[size]
+    kw = dict(input_size=128, patch_size=int(patch), in_channels=4, num_frames=4, hidden_size=hidden,
+              num_heads=heads, depth=spa, tem_depth=tem, afno_depth=afno, encoder_depth=4, mlp_ratio=4.0,
+              z_dims=[768], projector_dim=2048, head_dim=None, lambda_mode="learned", afno_blocks=8,
+              attn_backend="sdpa")
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    kw["z_dims"] = [int(z) for z in kw["z_dims"]]
+    _check_shared(kw, ("num_frames", "afno_blocks"), "the spatial blocks")
+    for key in ("tem_depth", "afno_depth"):
+        _need(int(kw[key]) >= 0, f"model option {key}={kw[key]} must be an integer >= 0")
+    _need(kw["hidden_size"] % kw["afno_blocks"] == 0,
+          f"hidden_size={kw['hidden_size']} must be divisible by afno_blocks={kw['afno_blocks']}")
+    _need(kw["lambda_mode"] in LAMBDA_MODES, f"lambda_mode={kw['lambda_mode']!r} is not one of {LAMBDA_MODES}")
+    return kw
+
+
+def _need(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_shared(kw: dict, positive: tuple, depth_is: str) -> None:
+    """The checks every family shares: sizes positive, the grid divisible by the patch, the projectors'
+    block inside the depth (`depth_is` says what the depth counts), a known attention backend."""
+    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "projector_dim",
+                *positive):
+        _need(int(kw[key]) >= 1, f"model option {key}={kw[key]} must be a positive integer")
+    _need(kw["input_size"] % kw["patch_size"] == 0,
+          f"input_size={kw['input_size']} must be divisible by patch_size={kw['patch_size']}")
+    _need(kw["mlp_ratio"] > 0, f"mlp_ratio={kw['mlp_ratio']} must be > 0")
+    _need(all(z >= 1 for z in kw["z_dims"]), f"z_dims={kw['z_dims']} must be positive feature sizes")
+    if kw["z_dims"]:
+        _need(1 <= kw["encoder_depth"] <= kw["depth"],
+              f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} ({depth_is})")
+    _need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
 
 
 def model_kwargs(name: str, **overrides) -> dict:
     """The full, validated constructor arguments of `name` with `overrides` applied."""
     family = family_of(name)
+    if family == PDE_FAMILY:
+        return pde_model_kwargs(name, **overrides)
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; allowed: {', '.join(OVERRIDES)}")
@@ -82,25 +146,12 @@ def model_kwargs(name: str, **overrides) -> dict:
 
 
 def validate_model_kwargs(kw: dict) -> None:
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
-
-    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes",
-                "projector_dim"):
-        need(int(kw[key]) >= 1, f"model option {key}={kw[key]} must be a positive integer")
-    need(kw["input_size"] % kw["patch_size"] == 0,
-         f"input_size={kw['input_size']} must be divisible by patch_size={kw['patch_size']}")
+    need = _need
+    _check_shared(kw, ("num_classes",), "the model depth")
     need(kw["hidden_size"] % kw["num_heads"] == 0,
          f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
     need(kw["hidden_size"] % 4 == 0, f"hidden_size={kw['hidden_size']} must be a multiple of 4 (2D sin-cos table)")
-    need(kw["mlp_ratio"] > 0, f"mlp_ratio={kw['mlp_ratio']} must be > 0")
     need(0.0 <= kw["class_dropout_prob"] < 1.0, f"class_dropout_prob={kw['class_dropout_prob']} must be in [0, 1)")
-    need(all(z >= 1 for z in kw["z_dims"]), f"z_dims={kw['z_dims']} must be positive feature sizes")
-    if kw["z_dims"]:
-        need(1 <= kw["encoder_depth"] <= kw["depth"],
-             f"encoder_depth={kw['encoder_depth']} is outside 1..{kw['depth']} (the model depth)")
-    need(kw["attn_backend"] in BACKENDS, f"attn_backend={kw['attn_backend']!r} is not one of {BACKENDS}")
     need(kw["kernels"] in IMPLS, f"kernels={kw['kernels']!r} is not one of {IMPLS}")
     need(kw["projector_type"] in PROJECTOR_TYPES,
          f"projector_type={kw['projector_type']!r} is not one of {PROJECTOR_TYPES}")
@@ -132,10 +183,14 @@ def unwrap(model):
 
 
 def build_model(name: str, **overrides) -> SiT:
-    """Build a backbone by registry name; overrides use the official constructor names."""
-    return FAMILIES[family_of(name)][0](**model_kwargs(name, **overrides))
+    """Build a backbone by registry name; overrides use the official constructor names (PDE-DiT: its own,
+    `PDE_OVERRIDES`)."""
+    kw = model_kwargs(name, **overrides)
+    if family_of(name) == PDE_FAMILY:
+        return PDEDiT(**{("spa_depth" if k == "depth" else k): v for k, v in kw.items()})
+    return FAMILIES[family_of(name)][0](**kw)
 
 
-__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "PROJECTOR_TYPES", "SIZES", "DiT", "SiT", "build_model", "erw_rope",
-           "family_of",
+__all__ = ["FAMILIES", "MODEL_NAMES", "OVERRIDES", "PDE_FAMILY", "PDE_OVERRIDES", "PROJECTOR_TYPES", "SIZES", "DiT",
+           "PDEDiT", "SiT", "build_model", "erw_rope", "family_of", "overrides_of", "pde_model_kwargs",
            "model_kwargs", "unwrap"]

@@ -92,7 +92,14 @@ class AFNOBlock(nn.Module):
 
 
 class PDEDiT(nn.Module):
+    """The registry's `PDE-DiT-<size>/<patch>` family (fastrepa.models): the backbone interface of the image
+    families where it applies (latent_shape, token_grid, prediction, fsdp_units, forward_flops), no labels
+    (null_class None, no label dropout) and `modality = "fields"` (no VAE, no image grids)."""
+
     prediction = "velocity"
+    modality = "fields"
+    null_class = None
+    label_dropout_prob = 0.0
 
     def __init__(self, input_size: int = 128, patch_size: int = 8, in_channels: int = 4, num_frames: int = 4,
                  hidden_size: int = 512, num_heads: int = 8, spa_depth: int = 6, tem_depth: int = 3,
@@ -142,6 +149,45 @@ class PDEDiT(nn.Module):
     @property
     def latent_shape(self):
         return (self.num_frames, self.in_channels, self.input_size, self.input_size)
+
+    @property
+    def token_grid(self):
+        return self.grid
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules sharded (FSDP2), compiled and checkpointed one by one: every block of both branches."""
+        return [*self.afno_blocks, *self.spatial_blocks, *self.temporal_blocks]
+
+    def forward_flops(self) -> int:
+        """2 x the multiply-accumulates of one forward of one sample (F frames): linear layers, attention
+        scores and weighted values (two of each per salient attention), the AFNO block-diagonal complex MLP
+        (4 real products per complex one) and its MLP, the gate; not the FFTs, norms, softmax or elementwise ops."""
+        Fr, n, D = self.num_frames, self.grid[0] * self.grid[1], self.hidden_size
+        P = self.patch_size ** 2 * self.in_channels
+
+        def lin(m):
+            return m.in_features * m.out_features
+
+        ca = self.cross_attn
+        macs = 2 * Fr * n * P * D  # x and cond patch embeddings
+        macs += Fr * n * (lin(ca.to_q) + lin(ca.to_kv) + lin(ca.to_out)) + 2 * Fr * n * n * ca.heads * ca.head_dim
+        macs += sum(lin(m) for m in self.t_embedder.modules() if isinstance(m, nn.Linear))
+        for blocks, tokens, groups in ((self.spatial_blocks, n, Fr), (self.temporal_blocks, Fr, n)):
+            for blk in blocks:
+                a = blk.attn
+                inner = a.num_heads * a.head_dim
+                macs += lin(blk.adaLN_modulation[-1]) * groups
+                macs += groups * tokens * (lin(a.qkv) + lin(a.proj) + lin(blk.mlp.fc1) + lin(blk.mlp.fc2))
+                macs += groups * 2 * 2 * tokens * tokens * inner  # two softmax(q k^T) v products
+        freqs = self.grid[0] * (self.grid[1] // 2 + 1)
+        for blk in self.afno_blocks:
+            f = blk.filter
+            macs += Fr * freqs * 4 * (f.w1[0].numel() + f.w2[0].numel())
+            macs += Fr * n * (lin(blk.mlp.fc1) + lin(blk.mlp.fc2))
+        macs += 2 * Fr * n * lin(self.final_layer)  # both branches
+        macs += 2 * Fr * n * P  # the gate's 1x1 convolution over the 2F frames of both branches
+        macs += Fr * n * sum(lin(m) for p in self.projectors for m in p if isinstance(m, nn.Linear))
+        return 2 * macs
 
     def patchify(self, x):
         """[B, F, C, H, W] -> [B, F, h*w, p*p*C] (row-major patches, (p1 p2 c) inside one)."""

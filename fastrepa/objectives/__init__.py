@@ -1,5 +1,5 @@
 """Training objectives: the method seam (fastrepa.objectives.base), the denoisers (flow matching for SiT,
-DDPM for DiT) and the methods (REPA, iREPA, SRA, ERW, HASTE, REG), plus the interpolants and time samplers they share.
+DDPM for DiT) and the methods (REPA, iREPA, SRA, ERW, HASTE, REG; FourierFlow on PDE fields), plus the interpolants and time samplers they share.
 
     objective = build_objective(cfg, model, encoders)      # --method, with the backbone's denoiser
 """
@@ -20,13 +20,15 @@ from fastrepa.objectives.interpolants import (
     score_from_velocity,
 )
 from fastrepa.objectives.erw import ERW
+from fastrepa.objectives.fourierflow import FourierFlowObjective
 from fastrepa.objectives.haste import HASTE
 from fastrepa.objectives.irepa import IREPA
 from fastrepa.objectives.reg import REG
 from fastrepa.objectives.repa import REPA, label_dropout_prob, repa_loss, total_loss
 from fastrepa.objectives.sra import SRA
 
-METHODS = {"repa": REPA, "irepa": IREPA, "sra": SRA, "erw": ERW, "haste": HASTE, "reg": REG}
+METHODS = {"repa": REPA, "irepa": IREPA, "sra": SRA, "erw": ERW, "haste": HASTE, "reg": REG,
+           "fourierflow": FourierFlowObjective}
 
 
 def build_denoiser(model, objective_cfg) -> Denoiser:
@@ -75,6 +77,8 @@ def build_objective(cfg, model, encoders=()) -> Objective:
     if o.method == "reg":
         return REG(model, denoiser, encoders, proj_coeff=o.proj_coeff, cls_coeff=o.cls, encoder_names=o.encoders,
                    resolution=d.resolution, **common)
+    if o.method == "fourierflow":
+        return FourierFlowObjective(model, denoiser, encoders, proj_coeff=o.proj_coeff)
     if o.method == "sra":
         s, t = o.sra_blocks(cfg.model.model)
         return SRA(model, denoiser, block_out_s=s, block_out_t=t, t_max=o.t_max, align_loss=o.sra_align_loss(
@@ -84,7 +88,7 @@ def build_objective(cfg, model, encoders=()) -> Objective:
 
 
 __all__ = [
-    "ERW", "HASTE", "IREPA", "METHODS", "REG", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
+    "ERW", "FourierFlowObjective", "HASTE", "IREPA", "METHODS", "REG", "PATH_TYPES", "PREDICTIONS", "REPA", "SRA", "WEIGHTINGS", "Denoiser", "FlowMatching", "Objective",
     "StepContext", "build_denoiser", "build_objective", "check_path_type", "check_prediction", "check_weighting",
     "interpolant", "label_dropout_prob", "method_model_options", "repa_loss", "sample_time",
     "score_coefficients", "score_from_velocity", "total_loss",

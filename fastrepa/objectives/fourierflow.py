@@ -46,6 +46,19 @@ class FourierFlowObjective(Objective):
         self.denoiser, self.latent_shape = denoiser, tuple(model.latent_shape)
         self.encoders, self.proj_coeff = list(encoders), proj_coeff
         self.drop_prob = 0.0
+        frames, channels = self.latent_shape[:2]
+        tokens = model.token_grid[0] * model.token_grid[1]
+        if len(self.encoders) != len(model.z_dims):
+            raise ValueError(f"{len(self.encoders)} encoder(s) for a model with {len(model.z_dims)} projector(s)")
+        for k, (enc, z) in enumerate(zip(self.encoders, model.z_dims)):
+            got = (getattr(enc, "frames", None), getattr(enc, "channels", None), getattr(enc, "num_tokens", None),
+                   getattr(enc, "embed_dim", None))
+            want = (frames, channels, tokens, z)
+            if any(g is not None and g != w for g, w in zip(got, want)):  # what the encoder declares must fit
+                raise ValueError(f"encoder {k} ({getattr(enc, 'enc_type', type(enc).__name__)}) takes {got[0]} frames "
+                                 f"x {got[1]} variables as {got[2]} tokens of width {got[3]}; the model has {frames} "
+                                 f"frames x {channels} variables, {tokens} tokens per frame and projector width {z} "
+                                 "(--num-frames, --input-size, the model's patch size, --enc-path)")
 
     def draw(self, g):
         return self.denoiser.draw(g, self.latent_shape)
@@ -55,6 +68,10 @@ class FourierFlowObjective(Objective):
         with torch.no_grad(), ctx.autocast():
             inputs["zs"] = [enc(batch["target"]) for enc in self.encoders]
         return inputs
+
+    def train_flops(self, model) -> float:
+        """Forward + backward of the model (3 x its forward) and one forward of each frozen encoder."""
+        return 3 * model.forward_flops() + sum(enc.forward_flops() for enc in self.encoders)
 
     def loss(self, model, inputs, ctx):
         x, den = inputs["x"], self.denoiser

@@ -449,8 +449,11 @@ def _plain(sd: dict) -> dict:
 
 
 def export_official_pt(source: str | None = None, out_file: str | None = None, *, model=None, ema=None,
-                       optimizer=None, args: dict | None = None, steps: int | None = None) -> str:
-    """Write the official REPA `.pt` {model, ema, opt, args (plain dict), steps} with plain tensors, atomically.
+                       optimizer=None, args: dict | None = None, steps: int | None = None,
+                       data: dict | None = None) -> str:
+    """Write the official REPA `.pt` {model, ema, opt, args (plain dict), steps} with plain tensors, atomically;
+    `data` (a PDE run's split and normaliser, plain JSON; from a directory: its train state's "dataset") is
+    added as key "data" when given.
 
     source: a complete checkpoint directory (read by this process alone: call it on one rank, or from a
     command), or None to export the live `model` / `ema` / `optimizer` (a collective: every rank calls it,
@@ -473,6 +476,9 @@ def export_official_pt(source: str | None = None, out_file: str | None = None, *
         if "optim" in marker["components"]:
             ckpt["opt"] = official_optimizer_state(_read_component(source, "optim"))
         ckpt.update(args=dict(args), steps=int(steps))
+        data = data if data is not None else extra.get("dataset")
+        if data:
+            ckpt["data"] = data
         save_checkpoint_file(out_file, ckpt)
         return out_file
     if model is None or args is None or steps is None:
@@ -489,6 +495,8 @@ def export_official_pt(source: str | None = None, out_file: str | None = None, *
         if osd is not None:
             ckpt["opt"] = official_optimizer_state(osd)
         ckpt.update(args=dict(args), steps=int(steps))
+        if data:
+            ckpt["data"] = data
         save_checkpoint_file(out_file, ckpt)
     on_rank0(write, f"writing {out_file}")
     return out_file

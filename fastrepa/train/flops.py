@@ -23,6 +23,11 @@ def encoder_dims(name: str, resolution: int, grid: int) -> tuple[int, int]:
     name = canonical_name(name)
     if name == "patch-pixels":
         return 3 * (resolution // grid) ** 2, 0
+    if name == "vivit":  # FourierFlow's released ViViT (its file may differ: the trainer counts the loaded one)
+        from fastrepa.encoders.vivit import ViViTEncoder
+        with torch.device("meta"):
+            enc = ViViTEncoder(num_patches=grid * grid)
+        return enc.embed_dim, enc.forward_flops()
     family, _, size = name.split("-")[:3]
     table, patch, res = _FAMILIES[family]
     width, depth = table[size][0], table[size][1]
@@ -41,8 +46,8 @@ def counts(cfg) -> dict:
     from fastrepa.models import build_model, model_kwargs
     from fastrepa.objectives import build_objective, method_model_options
     overrides = cfg.model_overrides()
-    kw = model_kwargs(cfg.model.model, **overrides)
-    grid = overrides["input_size"] // kw["patch_size"]
+    kw = model_kwargs(cfg.model.model, **overrides, z_dims=[])
+    grid = kw["input_size"] // kw["patch_size"]
     encs = {e: encoder_dims(e, cfg.data.resolution, grid) for e in cfg.objective.encoders}
     from fastrepa.encoders import load_encoder
     with torch.device("meta"):  # the encoders too (random_init: no file read), for the methods that ask them

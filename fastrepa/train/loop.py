@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from fastrepa.attention import check_backend
 from fastrepa.config import TrainConfig, to_flat
-from fastrepa.data import PackedDataset, StepSampler, build_loader, check_labels, open_dataset
+from fastrepa.data import PackedDataset, StepSampler, build_loader, open_training_data
 from fastrepa.distributed import setup
 from fastrepa.encoders import load_encoders
 from fastrepa.kernels import check_impl
@@ -62,8 +62,16 @@ def checkpoint_path(cfg: TrainConfig, step: int) -> str:
 
 
 def check_data_matches(dataset, model, encoders, cfg: TrainConfig) -> None:
-    """Fail before training when the latents or images do not fit the model or the encoders."""
-    image, moments, _ = dataset[0]
+    """Fail before training when the latents, images or fields do not fit the model or the encoders."""
+    item = dataset[0]
+    if isinstance(item, dict):  # PDE windows: condition and target frames [F, C, H, W]
+        if tuple(item["target"].shape) != tuple(model.latent_shape):
+            raise ValueError(f"--data-dir {cfg.data.data_dir} gives windows of {tuple(item['target'].shape)} "
+                             f"[frames, variables, H, W] (after --pde-reduce {cfg.data.pde_reduce}); the model takes "
+                             f"{tuple(model.latent_shape)}: set --input-size {item['target'].shape[-1]} (or another "
+                             f"--pde-reduce) and --num-frames")
+        return
+    image, moments, _ = item
     channels, size, _ = model.latent_shape
     want = (2 * channels, size)
     if moments.shape[0] != want[0] or moments.shape[-1] != want[1] or moments.shape[-2] != want[1]:
@@ -95,8 +103,11 @@ def check_resume_matches(extra: dict, cfg: TrainConfig, num_items: int, path: st
 
 def load_grid_vae(cfg: TrainConfig, latent_channels: int, device: torch.device):
     """The VAE that decodes the sample grids, loaded on rank 0 (the only rank that decodes); a VAE that is
-    missing or does not fit the latents fails on every rank at once, before training."""
+    missing or does not fit the latents fails on every rank at once, before training. None for a model of
+    fields (PDE-DiT: its grids are forecast plots)."""
     box = {}
+    if is_fields(cfg):
+        return None
 
     def load():
         vae = load_vae(cfg.data.vae)
@@ -119,6 +130,22 @@ def loader_backend(choice: str, dataset, device: torch.device, data_dir: str = "
         from fastrepa.data.dali import dali_available
         return "dali" if packed and device.type == "cuda" and dali_available() else "torch"
     return choice
+
+
+def is_fields(cfg: TrainConfig) -> bool:
+    return cfg.model.pde
+
+
+def forecast_grid(ema, dataset, cfg: TrainConfig, device, path: str | None) -> None:
+    """The PDE counterpart of a sample grid: the EMA's forecast (--sample-num-steps Euler steps, fixed noise)
+    of the first train window, plotted against its truth per variable (fastrepa.eval.pde_forecast)."""
+    from fastrepa.eval.pde_forecast import forecast, plot_fields, window_noise
+    item = dataset[0]
+    cond = item["cond"][None].to(device)
+    noise = window_noise(cond.shape[1:], cfg.seed, [0], 0, device)
+    pred = forecast(ema, cond, cfg.sample_num_steps, noise)
+    if path is not None:
+        plot_fields(pred.float().cpu(), item["target"][None], path)
 
 
 def sample_grid(ema, vae, cfg: TrainConfig, device, path: str | None, n: int = 16) -> None:
@@ -169,11 +196,11 @@ class Trainer:
         check_backend(cfg.model.backend())
         check_impl(cfg.model.kernels, device)
         check_report_to(cfg.report_to)  # every rank: one failing alone would leave the others waiting
-        dataset = self.dataset = open_dataset(cfg.data.data_dir)
-        check_labels(dataset, cfg.model.num_classes)
+        dataset = self.dataset = open_training_data(cfg)
         self.loader_backend = loader_backend(cfg.data.data_loader, dataset, device, cfg.data.data_dir)
         overrides = cfg.model_overrides()
-        grid = overrides["input_size"] // model_kwargs(cfg.model.model, **overrides)["patch_size"]
+        kw = model_kwargs(cfg.model.model, **overrides, z_dims=[])
+        grid = kw["input_size"] // kw["patch_size"]
         encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
                                                           resolution=cfg.data.resolution, grid=grid)]
                     if cfg.objective.encoders else [])
@@ -254,7 +281,8 @@ class Trainer:
                 "data": dict(zip(("epoch", "batch_in_epoch"), divmod(s, self.sampler.steps_per_epoch))),
                 "lr": self.lr(s), "world_size": self.env.world_size, "nonfinite_skipped": self.skipped,
                 "metrics_window": self.log.window_state() if self.rank0 else {},
-                "grad_scaler": self.step_fn.scaler.state_dict(), "config": self.flat}
+                "grad_scaler": self.step_fn.scaler.state_dict(), "config": self.flat,
+                **({"dataset": self.dataset.state_dict()} if hasattr(self.dataset, "state_dict") else {})}
 
     def state(self) -> dict:
         """The checkpoint state as named parts: modules and optimizer (DCP components), then the plain-JSON
@@ -278,6 +306,8 @@ class Trainer:
             return None, None
         # the run's identity first (seed, batch, data, method), then the tensors
         meta = dcp.on_rank0(lambda: dcp.read_extra(found.path), f"reading {found.path}")
+        if meta.get("dataset") and hasattr(self.dataset, "check_state"):
+            self.dataset.check_state(meta["dataset"], found.path)  # a PDE file's split and normaliser, by flag
         check_resume_matches(meta, self.cfg, len(self.dataset), found.path)
         self.objective.load_state_dict(meta.get("objective") or {})  # the method's settings, before any tensor
         extra = dcp.load(found.path, model=self.model, ema=self.ema, optimizer=self.opt)
@@ -351,7 +381,10 @@ class Trainer:
     def grid(self):
         path = os.path.join(self.exp_dir, "samples", f"{self.step_now:07d}.png") if self.rank0 else None
         if self.rank0 or self.mode == "fsdp":
-            sample_grid(self.ema, self.vae, self.cfg, self.device, path)
+            if is_fields(self.cfg):
+                forecast_grid(self.ema, self.dataset, self.cfg, self.device, path)
+            else:
+                sample_grid(self.ema, self.vae, self.cfg, self.device, path)
             reshard(self.ema)  # FSDP2 keeps a root unsharded after a forward: back to the EMA's shards
         return path
 
@@ -390,7 +423,8 @@ class Trainer:
         checkpoint = self.last_ckpt
         if self.stopped is None:  # the end of training: the official .pt and the EMA safetensors
             checkpoint = dcp.export_official_pt(model=self.model, ema=self.ema, optimizer=self.opt,
-                                              out_file=checkpoint_path(cfg, step), args=self.flat, steps=step)
+                                              out_file=checkpoint_path(cfg, step), args=self.flat, steps=step,
+                                              data=getattr(self.dataset, "state_dict", lambda: None)())
             dcp.export_ema_safetensors(self.ema, os.path.join(self.ckpt_root, f"ema-{step:07d}.safetensors"),
                                      config=self.flat)
         images_trained = (step - start_step) * cfg.batch_size
