@@ -244,6 +244,9 @@ class DataConfig:
     pde_reduce: int = flag(1, "PDE data: keep every N-th grid point per axis (FourierFlow: 4, 512 -> 128)")
     test_fraction: float = flag(0.1, "PDE data: the fraction of trajectories held out for evaluation (a seeded "
                                      "split by --seed, recorded in the checkpoint)")
+    feature_cache: str = flag("", "PDE data: a folder of the encoder's tokens of every train window, written by "
+                                  "python -m fastrepa.data.pde features; the encoder is then not loaded (--enc-path, "
+                                  "if given, is checked against the cache)")
     num_workers: int = flag(4, "data loader worker processes (torch) or CPU threads (DALI)")
     data_loader: str = flag("auto", "torch (DataLoader, both layouts), dali (packed layout; GPU JPEG decode), or "
                                     "auto (dali for a packed dataset on CUDA when DALI is installed, else torch)",
@@ -359,6 +362,8 @@ class TrainConfig:
         if fourier:
             _need(self.objective.encoders in ([], ["vivit"]), "enc_type", self.objective.enc_type,
                   "vivit (FourierFlow's MAE ViViT, with --enc-path) or none for --method fourierflow")
+        _need(not self.data.feature_cache or (fourier and self.objective.encoders == ["vivit"]), "feature_cache",
+              self.data.feature_cache, "empty unless --method fourierflow aligns to --enc-type vivit")
         if self.objective.method in ("erw", "haste", "reg"):
             _need(bool(self.objective.encoders), "enc_type", self.objective.enc_type,
                   f"an encoder for --method {self.objective.method}")

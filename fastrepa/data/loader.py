@@ -78,8 +78,12 @@ def open_training_data(cfg):
         from fastrepa.data.pde import PDETrainWindows
         from fastrepa.models import model_kwargs
         patch = model_kwargs(cfg.model.model, **cfg.model_overrides(), z_dims=[])["patch_size"]
-        return PDETrainWindows.open(cfg.data.data_dir, reduce=cfg.data.pde_reduce, patch=patch,
-                                    frames=cfg.model.num_frames, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        windows = PDETrainWindows.open(cfg.data.data_dir, reduce=cfg.data.pde_reduce, patch=patch,
+                                       frames=cfg.model.num_frames, test_fraction=cfg.data.test_fraction, seed=cfg.seed)
+        if cfg.data.feature_cache:  # the encoder's tokens, read instead of computed (fastrepa.data.pde_features)
+            from fastrepa.data.pde_features import FeatureCache
+            windows.use_features(FeatureCache.open(cfg.data.feature_cache), cfg.objective.enc_path or None)
+        return windows
     dataset = open_dataset(cfg.data.data_dir)
     check_labels(dataset, cfg.model.num_classes)
     return dataset

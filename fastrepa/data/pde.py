@@ -299,6 +299,19 @@ class PDETrainWindows(PDEWindows):
     def __init__(self, data: PDEData, split: Split, normalizer: Normalizer, frames: int):
         super().__init__(data, split.train, normalizer, cond=frames, target=frames)
         self.split = split
+        self.features = None
+
+    def use_features(self, cache, enc_path: str | None = None) -> None:
+        """Read each window's encoder tokens from `cache` (fastrepa.data.pde_features.FeatureCache, checked
+        against this data and, with `enc_path`, the encoder file) as item["features"]."""
+        cache.check(self, enc_path)
+        self.features = cache
+
+    def __getitem__(self, k):
+        item = super().__getitem__(k)
+        if self.features is not None:
+            item["features"] = self.features[int(k)]
+        return item
 
     @classmethod
     def open(cls, path: str, *, reduce: int = 1, patch: int = 1, frames: int = 4, test_fraction: float = 0.1,
@@ -312,14 +325,14 @@ class PDETrainWindows(PDEWindows):
                 "frames": self.cond, "size": list(self.data.size), "num_steps": self.data.num_steps,
                 "variables": list(VARIABLES), "split": self.split.state_dict(), "normalizer": self.norm.state_dict()}
 
-    def check_state(self, saved: dict, where: str) -> None:
+    def check_state(self, saved: dict, where: str, action: str = "resume",
+                    fix: str = "train on the same file and flags, or start a new --exp-name") -> None:
         now = self.state_dict()
         for key in ("reduce", "frames", "size", "num_steps", "split", "normalizer"):
             if key in saved and saved[key] != now[key]:
-                raise PDEDataError(f"cannot resume {where}: its PDE data {key} is {_short(saved[key])}, but "
+                raise PDEDataError(f"cannot {action} {where}: its PDE data {key} is {_short(saved[key])}, but "
                                    f"--data-dir {self.data.path} (with --pde-reduce, --num-frames, --test-fraction, "
-                                   f"--seed) gives {_short(now[key])}; train on the same file and flags, or start "
-                                   "a new --exp-name")
+                                   f"--seed) gives {_short(now[key])}; {fix}")
 
 
 def _short(v, n: int = 120) -> str:
@@ -359,8 +372,25 @@ def main(argv=None) -> int:
     c.add_argument("path")
     c.add_argument("--reduce", type=int, default=1)
     c.add_argument("--patch", type=int, default=1)
+    f = sub.add_parser("features", help="run the frozen MAE ViViT once over every train window and cache its "
+                                        "tokens for training (--feature-cache); flags as training's")
+    f.add_argument("path", help="the PDE file training reads (--data-dir)")
+    f.add_argument("--enc-path", required=True, help="FourierFlow's MAE ViViT checkpoint (model_state_dict['encoder.*'])")
+    f.add_argument("--out", required=True, help="the cache folder to write (must not exist)")
+    f.add_argument("--pde-reduce", type=int, default=1)
+    f.add_argument("--num-frames", type=int, default=4)
+    f.add_argument("--test-fraction", type=float, default=0.1)
+    f.add_argument("--seed", type=int, default=0, help="training's --seed (it draws the split)")
+    f.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="bf16: the encoder under bf16 autocast, stored in 16 bits (as --mixed-precision bf16 runs "
+                        "it); fp32: full precision")
+    f.add_argument("--batch-size", type=int, default=16, help="windows per encoder forward")
+    f.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     a = p.parse_args(argv)
     try:
+        if a.cmd == "features":
+            from fastrepa.data.pde_features import prepare_main
+            return prepare_main(a)
         if a.cmd == "synth":
             write_pde_file(a.out, simulate(a.num, a.steps, a.size, a.seed, a.dt))
             print(f"wrote {a.out}: {a.num} trajectories x {a.steps} steps on {a.size}x{a.size}")
@@ -368,7 +398,7 @@ def main(argv=None) -> int:
             d = PDEData.open(a.path, a.reduce, a.patch)
             print(f"{a.path}: {d.num_trajectories} trajectories x {d.num_steps} steps, {list(VARIABLES)} on "
                   f"{d.size[0]}x{d.size[1]} (reduce {a.reduce})")
-    except PDEDataError as e:
+    except (ValueError, FileNotFoundError) as e:  # PDEDataError, FeatureCacheError, the encoder's weight errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -65,8 +65,9 @@ class FourierFlowObjective(Objective):
 
     def prepare(self, batch, draws, ctx):
         inputs = {"x": batch["target"], "cond": batch["cond"], **draws}
-        with torch.no_grad(), ctx.autocast():
-            inputs["zs"] = [enc(batch["target"]) for enc in self.encoders]
+        with torch.no_grad(), ctx.autocast():  # a cached encoder's tokens ride in the batch (--feature-cache)
+            inputs["zs"] = [batch["features"] if getattr(enc, "cached", False) else enc(batch["target"])
+                            for enc in self.encoders]
         return inputs
 
     def train_flops(self, model) -> float:

@@ -60,6 +60,8 @@ def counts(cfg) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fwd = model.forward_flops()
     enc_flops = sum(f for _, f in encs.values())
+    if getattr(cfg.data, "feature_cache", ""):  # the encoder's tokens are read, not computed
+        train_flops -= enc_flops
     return {"method": cfg.objective.method, "params": params, "trainable_params": trainable,
             "projector_params": sum(p.numel() for p in model.projectors.parameters()),
             "sit_forward_gflop_per_image": round(fwd / 1e9, 3),

@@ -201,9 +201,13 @@ class Trainer:
         overrides = cfg.model_overrides()
         kw = model_kwargs(cfg.model.model, **overrides, z_dims=[])
         grid = kw["input_size"] // kw["patch_size"]
-        encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
-                                                          resolution=cfg.data.resolution, grid=grid)]
-                    if cfg.objective.encoders else [])
+        if getattr(dataset, "features", None) is not None:  # --feature-cache: the encoder is not loaded
+            encoders = [dataset.features.encoder()]
+        else:  # building an encoder draws no numbers from the model's init stream (official REPA loads it after)
+            with torch.random.fork_rng(devices=[]):
+                encoders = ([e.to(device) for e in load_encoders(cfg.objective.enc_type, cfg.objective.enc_path or None,
+                                                                  resolution=cfg.data.resolution, grid=grid)]
+                            if cfg.objective.encoders else [])
         model = build_model(cfg.model.model, **overrides,
                             **method_model_options(cfg, [e.embed_dim for e in encoders])).to(device)
         check_data_matches(dataset, model, encoders, cfg)
@@ -216,7 +220,8 @@ class Trainer:
         self.peak = peak_tflops(device, cfg.peak_tflops)
         if cfg.compile:  # the frozen encoders too (they run every step); in place, keys unchanged
             for enc in encoders:
-                enc.compile()
+                if not getattr(enc, "cached", False):
+                    enc.compile()
 
         ema = make_ema(model)
         self.model, self.ema = wrap(model, ema, self.mode, device, bf16=cfg.mixed_precision == "bf16",

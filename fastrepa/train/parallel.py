@@ -54,7 +54,8 @@ def shard(module: torch.nn.Module, mp_policy=None) -> None:
     # the samplers call .denoise (SiT's .velocity calls it), a teacher .hidden_states, ERW .project_at: methods other
     # than forward bypass the root's hooks unless registered
     for method in ("denoise", "hidden_states", "project_at"):
-        register_fsdp_forward_method(module, method)
+        if hasattr(module, method):  # PDE-DiT has none of them (its forecast calls forward)
+            register_fsdp_forward_method(module, method)
 
 
 def wrap(model, ema, mode: str, device: torch.device, *, bf16: bool = False, compile: bool = False,
