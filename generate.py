@@ -159,6 +159,10 @@ def _discard_previous(sample_dir: str, shard_dir: str, png_dir: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["forecast"]:  # a PDE-DiT checkpoint's forecasts and their scores (FourierFlow)
+        from fastrepa.eval import pde
+        return pde.main(argv[1:])
     parser = build_parser()
     a = parser.parse_args(argv)
     for name, ok, want in (("per-proc-batch-size", a.per_proc_batch_size >= 1, "a positive integer"),
@@ -228,6 +232,7 @@ class Generator:
         import torch
 
         from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, weights_name
+        from fastrepa.models import PDE_FAMILY, family_of
         from fastrepa.generation import (check_mode, compile_velocity, cudagraph_skips, default_mode,
                                          model_from_checkpoint)
         from fastrepa.kernels import use_triton
@@ -253,6 +258,10 @@ class Generator:
             overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
         try:
             ckpt = load_checkpoint_file(a.ckpt)
+            if family_of(str((ckpt.get("args") or {}).get("model") or "")) == PDE_FAMILY:
+                parser.error(f"--ckpt {a.ckpt}: a --method fourierflow ({PDE_FAMILY}) checkpoint forecasts fields, it "
+                             f"does not sample images: python generate.py forecast --ckpt {a.ckpt} (python -m "
+                             "fastrepa.eval.pde)")
             model, args = model_from_checkpoint(a.ckpt, a.weights, overrides, ckpt=ckpt)
         except CheckpointError as e:
             parser.error(f"--ckpt: {e}")

@@ -166,3 +166,15 @@ def test_demo_forecast_beats_persistence_on_held_back_windows(tmp_path, capsys):
                           for who in ("model", "persistence"))
     assert sum(model.values()) < 0.85 * sum(persistence.values()), (model, persistence)
     assert model["density"] < persistence["density"] and model["pressure"] < persistence["pressure"]
+
+
+def test_generate_forecasts_a_pde_checkpoint_and_refuses_to_sample_images(tmp_path, pde_file, capsys):
+    """`python generate.py forecast ...` is `python -m fastrepa.eval.pde ...`; image sampling names it."""
+    import generate as generate_cli
+    report = train(pde_cfg(tmp_path, pde_file, enc_type="none", enc_path="", max_train_steps=3))
+    out = tmp_path / "fc"
+    assert generate_cli.main(["forecast", "--ckpt", report["checkpoint"], "--out", str(out), "--num-steps", "2"]) == 0
+    assert json.loads((out / "report.json").read_text())["trajectories"] == Split.make(8, 0.25, 0).test
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--ckpt", report["checkpoint"], "--sample-dir", str(tmp_path / "s")])
+    assert "python generate.py forecast --ckpt" in capsys.readouterr().err
