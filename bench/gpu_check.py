@@ -30,6 +30,9 @@ Steps (GPU run; `--list` prints them with their budgets):
   kernels          kernel suite, SiT-XL/2 shapes, B=32 and 128, bf16, fwd+bwd: Triton vs eager vs compile
   attention        attention suite: flash / cuDNN / efficient / math SDPA (and flash-attn, xformers when
                    installed) at SiT-XL/2's 16 x 256 x 72, B=32 and 64, bf16, fwd+bwd, and which one auto runs
+  pde              pde suite, PDE-DiT-XL/8 + FourierFlow's ViViT, B=8, bf16: a fourierflow step with the
+                   encoder against one on cached tokens (--feature-cache), and the salient attention core as
+                   two sdpa calls, materialised, and one sdpa call (compile rows left out for time)
   sample           sample suite, SiT-XL/2, REPA protocol (SDE 250 steps, CFG 1.8 on [0, 0.7]), B=256:
                    compile vs compile + CUDA graphs
   torchrun         torchrun --nproc_per_node=1 train.py, FSDP2 + compile + bf16, 2 steps on a tiny synthetic
@@ -586,6 +589,13 @@ def attention_args(dry):
     return ["--quick"], "--quick (2 heads x 16 tokens x 72), B=2, fp32 on the CPU"
 
 
+def pde_args(dry):
+    if not dry:
+        return ["--batch-sizes", "8", "--dtype", "bf16", "--repeats", "10", "--variants",
+                "encoder,cached,salient-sdpa,salient-math,plain-sdpa"], None
+    return ["--quick"], "--quick (a tiny PDE-DiT and ViViT), B=2, fp32 on the CPU; the compile rows skip"
+
+
 def sample_args(dry):
     if not dry:
         return ["--model", "SiT-XL/2", "--batch-sizes", "256", "--dtype", "bf16", "--repeats", "3",
@@ -607,6 +617,7 @@ step_train = bench_step("train", train_args)
 step_kernels = bench_step("kernels", lambda name, dry: kernels_args(dry))
 step_sample = bench_step("sample", lambda name, dry: sample_args(dry))
 step_attention = bench_step("attention", lambda name, dry: attention_args(dry))
+step_pde = bench_step("pde", lambda name, dry: pde_args(dry))
 
 
 TINY_TRAIN = ["--preset", "demo", "--hidden-size", "64", "--depth", "2", "--num-heads", "2", "--encoder-depth", "1",
@@ -701,9 +712,10 @@ STEPS = [  # name, title, budget on CUDA (s), function
     ("train-b64-core", "train suite B=64: official, compile+triton, sra", 85, step_train),
     ("train-b64-rest", "train suite B=64: eager+fused-adamw, irepa, erw-warmup", 85, step_train),
     ("train-b64-family", "train suite B=64: haste, haste-after-stop, reg", 60, step_train),
-    ("train-b32", "train suite B=32: all four REPA variants", 55, step_train),
+    ("train-b32", "train suite B=32: all four REPA variants", 35, step_train),
     ("kernels", "kernel suite: SiT-XL/2 shapes, B=32/128, bf16, fwd+bwd", 30, step_kernels),
     ("attention", "attention suite: each SDPA backend at head_dim 72, B=32/64, bf16, fwd+bwd", 15, step_attention),
+    ("pde", "pde suite: fourierflow step, encoder vs cached tokens, salient attention, B=8, bf16", 20, step_pde),
     ("sample", "sample suite: SiT-XL/2, REPA protocol, B=256, compile vs CUDA graphs", 40, step_sample),
     ("torchrun", "torchrun train.py: FSDP2 + compile + bf16, DCP save, auto-resume", 40, step_torchrun),
     ("sync-test", "host syncs of a CUDA step (tests/test_train.py)", 20, step_sync_test),
@@ -799,7 +811,7 @@ def main(argv=None):
     if c.stem is None:
         c.choose_stem("unknown-device")
     paths = c.write()
-    print("\n" + paths["md"].read_text(encoding="utf-8"))
+    print("\n" + render_summary(c.record, steps_last=True))
     print(f"wrote {paths['md']}\nwrote {paths['json']}\nwrote {paths['logs']}", flush=True)
     if c.own_work and not args.keep_work:
         shutil.rmtree(c.work, ignore_errors=True)
@@ -969,7 +981,9 @@ def dist_section(record):
     return lines
 
 
-def render_summary(record):
+def render_summary(record, steps_last: bool = False):
+    """The one-page summary; steps_last puts the header and the Steps table at the end (the console copy: a
+    device tool returns only the last 12,000 characters of the output)."""
     env = record.get("env") or {}
     benv = env.get("bench_env") or {}
     dry = record["dry_run"]
@@ -1024,7 +1038,9 @@ def render_summary(record):
     out += [f"- dry run, {s['name']}: {s['dry_run_changes']}" for s in record["steps"] if s.get("dry_run_changes")]
     out += [f"- {s['name']}: {n}" for s in record["steps"] for n in s.get("notes", [])]
     out.append("")
-    out += train_section(record) + kernels_section(record, dry) + attention_section(record) + sample_section(record)
+    head, out = out, []
+    out += train_section(record) + kernels_section(record, dry) + attention_section(record) + pde_section(record)
+    out += sample_section(record)
     out += dist_section(record)
     fails = [s for s in record["steps"] if s["name"] in ("kernel-tests", "sync-test") and s["results"].get("failures")]
     for s in fails:
@@ -1034,7 +1050,16 @@ def render_summary(record):
         out += [f"## {s['name']}: rows printed before the time limit", "", "```"] + s["progress"][-20:] + ["```", ""]
     out += ["How to read this: README.md, \"Measuring on a GPU\". Every number comes from this run; the JSON file of "
             "the same name holds every field and every command, the -logs.tar.gz every log."]
-    return "\n".join(out).rstrip() + "\n"
+    return "\n".join(out + [""] + head if steps_last else head + out).rstrip() + "\n"
+
+
+def pde_section(record):
+    s = next((s for s in record["steps"] if s["name"] == "pde" and s.get("bench")), None)
+    if s is None or not (s["bench"].get("table") or {}).get("rows"):
+        return []
+    t = s["bench"]["table"]
+    return [f"## PDE (FourierFlow): {s['bench'].get('model_name')}, encoder vs cached tokens, salient attention", "",
+            md_table(t["headers"], t["rows"]), ""]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""fastrepa benchmarks: `python bench/run.py [--suite kernels|train|sample|data|attention|all] [--quick] ...`
+"""fastrepa benchmarks: `python bench/run.py [--suite kernels|train|sample|data|attention|pde|all] [--quick] ...`
 
 Runs the chosen suites on this machine (CUDA when available, else the CPU), prints a table per suite
 and writes bench/results/<device>-<date>.json and .md (see bench/results/README.md).
@@ -29,6 +29,7 @@ import sample_suite  # noqa: E402
 import train_suite  # noqa: E402
 import data_suite  # noqa: E402
 import attention_suite  # noqa: E402
+import pde_suite  # noqa: E402
 
 SUITES = {
     "kernels": kernels_suite.run,
@@ -36,6 +37,7 @@ SUITES = {
     "train": train_suite.run,
     "data": data_suite.run,
     "attention": attention_suite.run,
+    "pde": pde_suite.run,
 }
 PLANNED = {}  # name -> why it is not built yet (none today)
 # Fields run.py adds to every suite's result unless the suite set them itself (the sample suite times
@@ -97,8 +99,9 @@ def build_parser():
                    help=f"sample and train suites: the model, random weights (default {sample_suite.CUDA_MODEL} on "
                         f"CUDA, {sample_suite.CPU_MODEL} on the CPU; --quick shrinks it to a tiny width)")
     p.add_argument("--variants", default=None,
-                   help=f"sample / train suite: comma list of variants (default all; sample: "
-                        f"{','.join(sample_suite.VARIANTS)}; train: {','.join(train_suite.VARIANTS)})")
+                   help=f"sample / train / pde suite: comma list of variants (default all; sample: "
+                        f"{','.join(sample_suite.VARIANTS)}; train: {','.join(train_suite.VARIANTS)}; pde: "
+                        f"{','.join(pde_suite.parse_variants(None))})")
     p.add_argument("--workers", type=_positive, default=None,
                    help="data suite: DataLoader worker processes / DALI threads (default min(8, CPU count))")
     p.add_argument("--enc-type", default=None,
@@ -131,7 +134,8 @@ def main(argv=None):
                      f"{', '.join(SUITES)} (or --suite all)")
 
     for name, check in (("kernels", kernels_suite.check_args), ("sample", sample_suite.check_args),
-                        ("train", train_suite.check_args)):
+                        ("train", train_suite.check_args),
+                        ("pde", lambda a: pde_suite.parse_variants(a.variants if a.suite == "pde" else None))):
         if name in names:  # usage errors before any suite has run
             try:
                 check(args)

@@ -248,16 +248,12 @@ def make_step(ctx, variant, name, overrides, enc_type, resolution):
     return step, model, kw, encoder, objective
 
 
-def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats, warmup):
+def stepper(step_fn, objective, batch, B):
+    """(one_step, state): one_step() runs one optimizer step of `step_fn` on `batch` with step s's per-sample
+    draws (the next step's drawn before the sync, as the trainer does); state holds the step count and the
+    first step's loss."""
     from fastrepa.objectives import StepContext
-    from fastrepa.train.flops import peak_tflops
     from fastrepa.rng import draw_step
-
-    device = ctx.device
-    step_fn, model, kw, encoder, objective = make_step(ctx, variant, name, overrides, enc_type, resolution)
-    latent = kw["input_size"]
-    raw, moments, labels = inputs(B, resolution, kw["in_channels"], latent, kw["num_classes"], device)
-    batch = {"image": raw, "moments": moments, "label": labels}
     draw = lambda s: step_fn.to_device(draw_step(0, s, 0, B, objective.draw))  # noqa: E731
     state = {"step": 0, "draws": draw(0), "loss": None}
 
@@ -272,6 +268,19 @@ def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats,
         if state["loss"] is None:
             state["loss"] = float(res.total)
         state["step"], state["draws"] = s + 1, state.pop("next")
+
+    return one_step, state
+
+
+def run_variant(ctx, variant, name, overrides, enc_type, resolution, B, repeats, warmup):
+    from fastrepa.train.flops import peak_tflops
+
+    device = ctx.device
+    step_fn, model, kw, encoder, objective = make_step(ctx, variant, name, overrides, enc_type, resolution)
+    latent = kw["input_size"]
+    raw, moments, labels = inputs(B, resolution, kw["in_channels"], latent, kw["num_classes"], device)
+    batch = {"image": raw, "moments": moments, "label": labels}
+    one_step, state = stepper(step_fn, objective, batch, B)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

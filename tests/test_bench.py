@@ -203,7 +203,9 @@ def test_suite_all_runs_every_suite(tmp_path):
     assert "not built yet" not in proc.stdout
     (jpath,) = tmp_path.glob("*.json")
     suites = json.loads(jpath.read_text())["suites"]
-    assert set(suites) == {"kernels", "sample", "train", "data", "attention"}
+    assert set(suites) == {"kernels", "sample", "train", "data", "attention", "pde"}
+    pde = {r["variant"]: r["status"] for r in suites["pde"]["rows"]}  # --variants names other suites' rows
+    assert pde["encoder"] == pde["cached"] == pde["salient-sdpa"] == "ok"
     att = {r["backend"]: r for r in suites["attention"]["rows"]}
     assert att["auto"]["status"] == att["math"]["status"] == "ok" and att["auto"]["auto_is"]
     assert all("skipped_suites" not in suite for suite in suites.values())

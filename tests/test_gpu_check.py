@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check as gc  # noqa: E402
 
 STEP_NAMES = ["setup", "kernel-tests", "train-b64-core", "train-b64-rest", "train-b64-family", "train-b32", "kernels",
-              "attention", "sample", "torchrun", "sync-test"]
+              "attention", "pde", "sample", "torchrun", "sync-test"]
 
 
 def _env():
@@ -90,6 +90,10 @@ def test_bench_steps_hold_the_suites_rows(dry):
     att = {r["backend"]: r for r in steps["attention"]["bench"]["rows"]}
     assert att["math"]["status"] == att["auto"]["status"] == "ok" and att["auto"]["auto_is"]  # what auto ran
     assert att["flash_attn"]["status"] == "skipped" and att["auto"]["max_abs_err"] < 1e-5
+    pde = {r["variant"]: r for r in steps["pde"]["bench"]["rows"]}
+    assert pde["encoder"]["status"] == pde["cached"]["status"] == pde["salient-sdpa"]["status"] == "ok"
+    assert pde["cached"]["first_loss"] == pytest.approx(pde["encoder"]["first_loss"], rel=1e-6)
+    assert gc.pde_args(dry=False)[0][-1].split(",") == [v for v in pde if "compile" not in v]
     sample = {r["variant"]: r for r in steps["sample"]["bench"]["rows"]}
     assert sample["eager"]["status"] == "ok" and sample["cuda-graphs"]["status"] == "skipped"
     runs = steps["torchrun"]["results"]["runs"]
@@ -101,7 +105,8 @@ def test_bench_steps_hold_the_suites_rows(dry):
 def test_summary_has_every_section(dry):
     md = dry["md"]
     assert md.startswith("# fastrepa GPU check: ") and "DRY RUN" in md
-    for section in ("## Steps", "## Train step:", "## Kernels:", "## Attention:", "## Sampling:", "## torchrun train.py",
+    for section in ("## Steps", "## Train step:", "## Kernels:", "## Attention:", "## PDE (FourierFlow)", "## Sampling:",
+                    "## torchrun train.py",
                     "host-sync test", "versions: torch " + torch.__version__, "install: "):
         assert section in md, section
     for name in STEP_NAMES:
