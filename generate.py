@@ -232,7 +232,7 @@ class Generator:
         import torch
 
         from fastrepa.official_ckpt import CheckpointError, load_checkpoint_file, weights_name
-        from fastrepa.models import PDE_FAMILY, family_of
+        from fastrepa.models import PDE_FAMILY
         from fastrepa.generation import (check_mode, compile_velocity, cudagraph_skips, default_mode,
                                          model_from_checkpoint)
         from fastrepa.kernels import use_triton
@@ -258,7 +258,7 @@ class Generator:
             overrides["attn_backend"] = "sdpa" if a.fused_attn else "math"
         try:
             ckpt = load_checkpoint_file(a.ckpt)
-            if family_of(str((ckpt.get("args") or {}).get("model") or "")) == PDE_FAMILY:
+            if str((ckpt.get("args") or {}).get("model") or "").startswith(PDE_FAMILY + "-"):
                 parser.error(f"--ckpt {a.ckpt}: a --method fourierflow ({PDE_FAMILY}) checkpoint forecasts fields, it "
                              f"does not sample images: python generate.py forecast --ckpt {a.ckpt} (python -m "
                              "fastrepa.eval.pde)")
